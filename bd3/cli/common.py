@@ -1,0 +1,76 @@
+"""Glue shared by the commands: resolving runs, loading models and shards, printing."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from bd3.data.shards import TokenShards, cached_shards
+from bd3.data.tokenizer import Tokenizer
+from bd3.errors import Bd3Error
+from bd3.model import DiT
+from bd3.runs import Run, load_strict, resolve_run
+
+err = Console(stderr=True)
+
+
+def open_run(path: Path | None) -> Run:
+    return Run.open(resolve_run(path))
+
+
+def load_model(run: Run, device: torch.device, which: str = "ema") -> DiT:
+    """The run's model with its newest checkpoint's weights (EMA by default), strictly."""
+    cfg = run.config
+    model = DiT(cfg.model, cfg.data.vocab_size)
+    ckpt = run.latest_checkpoint()
+    load_strict(model, run.weights(which, ckpt), ckpt / f"{which}.safetensors")
+    return model.to(device).eval()
+
+
+def run_tokenizer(run: Run) -> Tokenizer:
+    tok = Tokenizer.from_file(run.tokenizer_path, name=run.config.data.tokenizer)
+    expected = run.config.data.tokenizer_sha256
+    if expected and tok.sha256 != expected:
+        raise Bd3Error(f"{run.tokenizer_path} does not match the tokenizer recorded in {run.path / 'config.json'}; restore the run's tokenizer.json.")
+    return tok
+
+
+def shards_for(data: str, tokenizer: str, length: int, vocab_size: int) -> TokenShards:
+    """A `bd3 tokenize` folder as is, else the cached shards for (data, tokenizer, length)."""
+    p = Path(data)
+    if p.is_dir() and (p / "meta.json").exists():
+        return TokenShards(p)
+    return cached_shards(data, tokenizer, length, vocab_size=vocab_size)
+
+
+def run_shards(run: Run, length: int | None = None) -> TokenShards:
+    """Token shards of the run's own data, tokenized with the run's own tokenizer."""
+    cfg = run.config
+    shards = shards_for(cfg.data.data, str(run.tokenizer_path), length or cfg.model.length, 0)
+    if cfg.data.tokenizer_sha256 and shards.meta["tokenizer_sha256"] != cfg.data.tokenizer_sha256:
+        raise Bd3Error(f"The data in {shards.path} was tokenized with another tokenizer than run {run.path}.")
+    return shards
+
+
+def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]], as_json: bool, payload: dict | list) -> None:
+    """A rich table on stdout, or ``payload`` as JSON with --json."""
+    if as_json:
+        print(json.dumps(payload, indent=2))
+        return
+    table = Table(title=title)
+    for _, header in columns:
+        table.add_column(header)
+    for row in rows:
+        table.add_row(*(_fmt(row.get(key)) for key, _ in columns))
+    Console(file=sys.stdout).print(table)
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

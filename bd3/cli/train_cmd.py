@@ -1,0 +1,135 @@
+"""`bd3 pretrain` and `bd3 finetune`: options -> RunConfig -> bd3.train.train."""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from bd3.cli import options as o
+from bd3.cli.common import err, open_run, run_shards, shards_for
+from bd3.config import ALGOS, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
+from bd3.errors import Bd3Error
+from bd3.runs import new_run_name
+from bd3.train import train
+
+Steps = Annotated[int, typer.Option(help="Optimiser steps.", min=1)]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0)]
+Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)]
+Out = Annotated[Optional[Path], typer.Option(help="Run directory to create. Default: runs/<readable-unique-name>.", show_default=False)]
+LogEvery = Annotated[int, typer.Option(help="Log every N steps (progress line and metrics.jsonl).", min=1)]
+SaveEvery = Annotated[int, typer.Option(help="Also save a checkpoint every N steps (0: only at the end).", min=0)]
+Resample = Annotated[bool, typer.Option("--resample", help="Force each block's realised mask rate into the clip interval.")]
+
+
+def pretrain(
+    data: o.Data = "web",
+    tokenizer: o.Tokenizer = "bpe",
+    vocab_size: o.VocabSize = 8192,
+    algo: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(ALGOS)}.")] = "bd3lm",
+    model: Annotated[str, typer.Option(help=f"Model size: {', '.join(MODEL_PRESETS)} (tiny = the reference's 256 wide, 8 layers, 8 heads).")] = "nano",
+    length: o.Length = 128,
+    block_size: Annotated[int, typer.Option(help="Block size L' (must divide the length).", min=1)] = 16,
+    clip: o.Clip = None,
+    resample: Resample = False,
+    steps: Steps = 800,
+    batch_size: o.BatchSize = 16,
+    lr: Lr = 1e-3,
+    warmup_steps: Warmup = 100,
+    out: Out = None,
+    force: o.Force = False,
+    seed: o.Seed = 1,
+    device: o.Device = "auto",
+    precision: o.Precision = "auto",
+    log_every: LogEvery = 20,
+    save_every: SaveEvery = 0,
+) -> None:
+    """Train a BD3-LM from scratch (with no options: a small model on the built-in corpus).
+
+    Examples:
+
+    \b
+      bd3 pretrain                                    # nano model, built-in `web` corpus, ~10 min on 2 CPU cores
+      bd3 pretrain --block-size 128 --data web        # MDLM-like pre-training at L' = L
+      bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --out runs/owt
+      bd3 pretrain --data 'books/*.txt' --tokenizer bpe --vocab-size 16384 --steps 5000
+    """
+    if algo not in ALGOS:
+        raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
+    if model not in MODEL_PRESETS:
+        raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
+    with _option_errors():
+        cfg = RunConfig(
+            model=model_config(model, length, causal=algo == "ar"),
+            diffusion=DiffusionConfig(algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample),
+            data=DataConfig(data=data, tokenizer=tokenizer),
+            train=TrainConfig(
+                steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed, device=device,
+                precision=precision, log_every=log_every, save_every=save_every,
+            ),
+        )
+    shards = shards_for(data, tokenizer, length, vocab_size)
+    train(cfg, shards, out or new_run_name(cfg), force=force, console=err)
+
+
+def finetune(
+    run: o.RunArg = None,
+    block_size: o.BlockSize = None,
+    clip: o.Clip = None,
+    resample: Resample = False,
+    steps: Steps = 300,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: the parent's.", min=1, show_default=False)] = None,
+    lr: Lr = 3e-4,
+    warmup_steps: Warmup = 50,
+    out: Out = None,
+    force: o.Force = False,
+    seed: o.Seed = 1,
+    device: o.Device = "auto",
+    precision: o.Precision = "auto",
+    log_every: LogEvery = 20,
+    save_every: SaveEvery = 0,
+) -> None:
+    """Continue training a run's (EMA) weights at a new block size and clip interval,
+    into a new run that records its parent.
+
+    Examples:
+
+    \b
+      bd3 finetune --block-size 4 --clip 0.45 0.95    # the newest run under ./runs
+      bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3 0.8 --steps 2000 --out runs/owt-bs16
+    """
+    parent = open_run(run)
+    pcfg = parent.config
+    if pcfg.diffusion.algo == "ar":
+        raise Bd3Error(f"{parent.path} is an autoregressive run; fine-tuning changes the block size of BD3-LM runs only.")
+    with _option_errors():
+        cfg = RunConfig(
+            model=pcfg.model,
+            diffusion=replace(
+                pcfg.diffusion, algo="bd3lm", block_size=block_size or pcfg.diffusion.block_size,
+                clip=clip or pcfg.diffusion.clip, resample=resample,
+            ),
+            data=pcfg.data,
+            train=replace(
+                pcfg.train, steps=steps, batch_size=batch_size or pcfg.train.batch_size, lr=lr, warmup_steps=warmup_steps,
+                seed=seed, device=device, precision=precision, log_every=log_every, save_every=save_every,
+                parent=str(parent.path),
+            ),
+        )
+    ckpt = parent.latest_checkpoint()
+    train(
+        cfg, run_shards(parent), out or new_run_name(cfg), init_weights=parent.weights("ema", ckpt),
+        init_source=str(ckpt / "ema.safetensors"), force=force, console=err,
+    )
+
+
+@contextmanager
+def _option_errors():
+    """Invalid combinations of option values are usage errors (exit code 2)."""
+    try:
+        yield
+    except Bd3Error as e:
+        raise typer.BadParameter(str(e)) from None

@@ -1,0 +1,220 @@
+"""Typed configuration: one dataclass per concern, a JSON round trip, strict validation.
+
+Every run directory stores the full resolved :class:`RunConfig` as ``config.json``.
+``from_dict`` rejects unknown keys and ``__post_init__`` validates values, so a typo in a
+hand-edited config is an error, not a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bd3 import __version__
+from bd3.errors import Bd3Error
+
+ALGOS = ("bd3lm", "mdlm", "ar")
+SCHEDULES = ("linear",)
+SCHEDULE_ALIASES = {"loglinear": "linear"}
+PRECISIONS = ("auto", "fp32", "bf16")
+
+# The full interval used for every likelihood evaluation (the paper's U[1e-3, 1]).
+FULL_CLIP = (1e-3, 1.0)
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise Bd3Error(message)
+
+
+@dataclass
+class ModelConfig:
+    """The DiT backbone (the reference's architecture); the model sees only this."""
+
+    hidden_dim: int = 256  # width D of the residual stream
+    n_heads: int = 4  # attention heads; head dim = hidden_dim / n_heads
+    n_layers: int = 4  # transformer blocks
+    cond_dim: int = 64  # width of the (constant) adaLN conditioning vector
+    length: int = 128  # context length L in tokens
+    dropout: float = 0.0  # dropout on the two residual branches
+    causal: bool = False  # causal attention, no adaLN: the autoregressive baseline
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_dim", "n_heads", "n_layers", "cond_dim", "length"):
+            _check(getattr(self, name) > 0, f"model.{name} must be positive, got {getattr(self, name)}.")
+        _check(
+            self.hidden_dim % self.n_heads == 0 and (self.hidden_dim // self.n_heads) % 2 == 0,
+            f"model.hidden_dim ({self.hidden_dim}) must be a multiple of n_heads ({self.n_heads}) "
+            "with an even head dimension (rotary embeddings rotate pairs of features).",
+        )
+        _check(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}.")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_dim // self.n_heads
+
+
+# Named sizes. `tiny` and `small` are the reference's; `nano` is the default on a laptop CPU.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "nano": dict(hidden_dim=256, n_heads=4, n_layers=4, cond_dim=64, dropout=0.0),
+    "tiny": dict(hidden_dim=256, n_heads=8, n_layers=8, cond_dim=64, dropout=0.1),
+    "small": dict(hidden_dim=768, n_heads=12, n_layers=12, cond_dim=128, dropout=0.1),
+    "medium": dict(hidden_dim=1024, n_heads=16, n_layers=24, cond_dim=128, dropout=0.1),
+}
+
+
+@dataclass
+class DiffusionConfig:
+    """The training objective: algorithm, block size, noise schedule and clip interval."""
+
+    algo: str = "bd3lm"  # bd3lm | mdlm (block size = length) | ar (causal, next token)
+    block_size: int = 16  # tokens per block L'; must divide the length
+    schedule: str = "linear"  # mask probability p(t) = t, weight 1/t
+    clip: tuple[float, float] = FULL_CLIP  # t ~ U[beta, omega] during training
+    resample: bool = False  # force each block's realised mask rate into the clip interval
+    antithetic: bool = True  # stratified draws of t over the (sequence, block) pairs
+    ignore_bos: bool = True  # position 0 (BOS) is never masked and not counted
+
+    def __post_init__(self) -> None:
+        self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
+        _check(self.algo in ALGOS, f"Unknown algorithm {self.algo!r}; choose one of {', '.join(ALGOS)}.")
+        _check(self.schedule in SCHEDULES, f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        _check(self.block_size > 0, f"The block size must be positive, got {self.block_size}.")
+        beta, omega = self.clip = (float(self.clip[0]), float(self.clip[1]))
+        _check(
+            0.0 <= beta <= omega <= 1.0 and omega > 0.0,
+            f"The clip interval [{beta}, {omega}] must lie inside [0, 1] with beta <= omega and omega > 0; "
+            "for example --clip 0.45 0.95.",
+        )
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from and the tokenizer's special ids (checked against the shards)."""
+
+    data: str = "web"  # built-in set, hub set name, or path/glob
+    tokenizer: str = "bpe"  # gpt2 | bert-base-uncased | bpe | path/to/tokenizer.json
+    vocab_size: int = 0  # model vocabulary, including the mask token (filled from the tokenizer)
+    mask_id: int = -1
+    bos_id: int = -1
+    eos_id: int = -1
+    pad_id: int = -1
+    tokenizer_sha256: str = ""  # hash of tokenizer.json, to refuse a mismatched tokenizer
+
+    def __post_init__(self) -> None:
+        if self.vocab_size:
+            _check(0 <= self.mask_id < self.vocab_size, f"data.mask_id {self.mask_id} is outside the vocabulary.")
+            _check(self.pad_id != self.mask_id, "The pad id must differ from the mask id.")
+
+
+@dataclass
+class TrainConfig:
+    """The optimisation loop."""
+
+    steps: int = 800  # optimiser steps
+    batch_size: int = 16  # sequences per step
+    lr: float = 1e-3  # peak AdamW learning rate
+    warmup_steps: int = 100  # linear warm-up from 0, then constant (as the reference)
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables
+    ema_decay: float = 0.9999  # with warm-up min(decay, (1 + n) / (10 + n))
+    seed: int = 1
+    device: str = "auto"
+    precision: str = "auto"  # auto: bf16 autocast where the device supports it, else fp32
+    log_every: int = 20
+    save_every: int = 0  # 0: only at the end
+    eval_batches: int = 16  # validation batches for the end-of-run summary
+    parent: str | None = None  # the run this one was fine-tuned from
+
+    def __post_init__(self) -> None:
+        self.betas = (float(self.betas[0]), float(self.betas[1]))
+        _check(self.steps > 0, f"The number of steps must be positive, got {self.steps}.")
+        _check(self.batch_size > 0, f"The batch size must be positive, got {self.batch_size}.")
+        _check(self.lr > 0, f"The learning rate must be positive, got {self.lr}.")
+        _check(self.warmup_steps >= 0, "The number of warm-up steps cannot be negative.")
+        _check(self.log_every > 0, f"--log-every must be positive, got {self.log_every}.")
+        _check(self.save_every >= 0, f"--save-every cannot be negative, got {self.save_every}.")
+        _check(0.0 <= self.ema_decay < 1.0, f"The EMA decay must be in [0, 1), got {self.ema_decay}.")
+        _check(self.precision in PRECISIONS, f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs, stored as its config.json."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    version: str = __version__
+
+    def __post_init__(self) -> None:
+        length, block_size = self.model.length, self.diffusion.block_size
+        if self.diffusion.algo == "mdlm":
+            self.diffusion.block_size = block_size = length
+        elif self.diffusion.algo == "ar":
+            self.diffusion.block_size = block_size = 1
+        _check(
+            length % block_size == 0,
+            f"The block size ({block_size}) must divide the length ({length}); "
+            f"for example --block-size {_largest_divisor(length, block_size)}.",
+        )
+        _check(self.model.causal == (self.diffusion.algo == "ar"), "model.causal must be true exactly for --algo ar.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunConfig:
+        _reject_unknown(cls, d, "config")
+        parts = {}
+        for f in dataclasses.fields(cls):
+            if f.name == "version" or f.name not in d:
+                continue
+            sub = d[f.name]
+            _check(isinstance(sub, dict), f"config.{f.name} must be an object.")
+            sub_cls = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}[f.name]
+            _reject_unknown(sub_cls, sub, f"config.{f.name}")
+            kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+            try:
+                parts[f.name] = sub_cls(**kwargs)
+            except TypeError as e:
+                raise Bd3Error(f"config.{f.name} is malformed: {e}") from None
+        return cls(**parts, version=d.get("version", __version__))
+
+    @classmethod
+    def load(cls, path: Path) -> RunConfig:
+        try:
+            d = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise Bd3Error(f"{path} does not exist; is this a bd3 run directory?") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise Bd3Error(f"{path} is not valid JSON ({e}); restore it or re-create the run.") from None
+        _check(isinstance(d, dict), f"{path} must hold a JSON object.")
+        try:
+            return cls.from_dict(d)
+        except Bd3Error as e:
+            raise Bd3Error(f"{path}: {e}") from None
+
+
+def _reject_unknown(cls: type, d: dict[str, Any], where: str) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - known)
+    _check(not unknown, f"Unknown key(s) in {where}: {', '.join(unknown)}. Known keys: {', '.join(sorted(known))}.")
+
+
+def _largest_divisor(length: int, at_most: int) -> int:
+    return max(d for d in range(1, max(1, min(length, at_most)) + 1) if length % d == 0)
+
+
+def model_config(preset: str, length: int, **overrides: Any) -> ModelConfig:
+    """A named model size at a context length."""
+    _check(preset in MODEL_PRESETS, f"Unknown model size {preset!r}; choose one of {', '.join(MODEL_PRESETS)}.")
+    return ModelConfig(**{**MODEL_PRESETS[preset], "length": length, **overrides})

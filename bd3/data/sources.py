@@ -1,0 +1,398 @@
+"""Where documents come from: built-in corpora, local files and HuggingFace hub sets.
+
+A *document* is one unit of text that the tokenizer wraps with an EOS token:
+
+* built-in sets (``web``, ``devil``, ``jargon``, ``mhcc``) and local ``*.txt`` files:
+  one paragraph (blank-line separated, stripped, non-empty);
+* local ``*.jsonl``: one record (field ``text``, or the record's only string field);
+* local ``*.parquet``: one row (column ``text``, or the only string column);
+* hub sets: one record of the named field.
+
+Splits are reproducible: for built-in and local data, document ``i`` (counted over the
+whole set, files in sorted order) is in ``valid`` when ``i % 50 == 49`` and in ``train``
+otherwise; ``all`` is every document. Hub sets use their own splits (see ``HUB_SETS``);
+``all`` is train followed by valid.
+
+Hub sets need the network. Before :mod:`datasets` is imported, the hub's host name is
+resolved (and, without a proxy, connected to) with a short time limit, so an offline
+machine gets a :class:`~bd3.errors.Bd3Error` naming the offline alternatives within about
+two seconds instead of minutes of retries.
+"""
+
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import os
+import re
+import socket
+import threading
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from bd3.errors import Bd3Error
+
+CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
+
+BUILTIN_SETS: dict[str, str] = {
+    "web": "World English Bible (public domain); the built-in training corpus",
+    "devil": "Ambrose Bierce, The Devil's Dictionary (1911); out-of-domain held-out set",
+    "jargon": "The Jargon File 4.4.7; out-of-domain held-out set",
+    "mhcc": "Matthew Henry's Concise Commentary; same-domain held-out set",
+}
+
+SPLITS = ("train", "valid", "all")
+VALID_EVERY = 50  # document i is in `valid` when i % VALID_EVERY == VALID_EVERY - 1
+TEXT_SUFFIXES = (".txt", ".txt.gz")
+JSONL_SUFFIXES = (".jsonl", ".jsonl.gz")
+PARQUET_SUFFIXES = (".parquet",)
+SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES + PARQUET_SUFFIXES
+
+HUB_HOST = "huggingface.co"
+HUB_PROBE_SECONDS = 0.9  # each of: name resolution, TCP connect
+
+
+@dataclass(frozen=True)
+class HubSet:
+    """A named HuggingFace dataset: repo path, config, text field and split names."""
+
+    path: str
+    config: str | None
+    field: str
+    train: str
+    valid: str
+
+
+HUB_SETS: dict[str, HubSet] = {
+    "owt": HubSet("openwebtext", None, "text", "train[:-100000]", "train[-100000:]"),
+    "lm1b": HubSet("lm1b", None, "text", "train", "test"),
+    "wikitext103": HubSet("wikitext", "wikitext-103-raw-v1", "text", "train", "validation"),
+    "wikitext2": HubSet("wikitext", "wikitext-2-raw-v1", "text", "train", "validation"),
+    "ptb": HubSet("ptb_text_only", None, "sentence", "train", "validation"),
+    "lambada": HubSet("lambada", None, "text", "train", "test"),
+    "ag_news": HubSet("ag_news", None, "text", "train", "test"),
+    "pubmed": HubSet("scientific_papers", "pubmed", "article", "train", "test"),
+    "arxiv": HubSet("scientific_papers", "arxiv", "article", "train", "test"),
+}
+
+OFFLINE_ALTERNATIVES = (
+    "use local files with --data path/to/*.txt|*.jsonl|*.parquet, or a built-in set: "
+    + ", ".join(BUILTIN_SETS)
+)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def read_documents(data: str, split: str) -> list[str]:
+    """All documents of ``split`` ('train', 'valid' or 'all') of the source ``data``."""
+    return list(iter_documents(data, split))
+
+
+def iter_documents(data: str, split: str) -> Iterator[str]:
+    """Like :func:`read_documents` but lazy where the source allows (hub sets)."""
+    _check_split(split)
+    if data in BUILTIN_SETS:
+        return iter(_select(_paragraphs(_read_text(builtin_path(data))), split))
+    if data in HUB_SETS:
+        return _hub_documents(data, split)
+    files = resolve_files(data)
+    return iter(_select(_local_documents(files), split))
+
+
+def describe_source(data: str) -> dict[str, Any]:
+    """A JSON-able description of ``data`` for meta.json and cache keys."""
+    if data in BUILTIN_SETS:
+        path = builtin_path(data)
+        return {
+            "kind": "builtin",
+            "name": data,
+            "file": path.name,
+            "size": path.stat().st_size,
+            "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+        }
+    if data in HUB_SETS:
+        hub = HUB_SETS[data]
+        return {
+            "kind": "hub",
+            "name": data,
+            "path": hub.path,
+            "config": hub.config,
+            "field": hub.field,
+            "splits": {"train": hub.train, "valid": hub.valid},
+        }
+    return {"kind": "files", "spec": data, "files": [_file_info(p) for p in resolve_files(data)]}
+
+
+def builtin_path(name: str) -> Path:
+    """The packaged ``.txt.gz`` of a built-in set."""
+    if name not in BUILTIN_SETS:
+        raise Bd3Error(f"unknown built-in set {name!r}; choose one of {', '.join(BUILTIN_SETS)}")
+    return CORPORA_DIR / f"{name}.txt.gz"
+
+
+def resolve_files(data: str) -> list[Path]:
+    """The sorted local files that ``data`` (a file, a folder or a glob) stands for."""
+    spec = os.path.expanduser(data)
+    if glob.has_magic(spec):
+        paths = [Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file()]
+        if not paths:
+            raise Bd3Error(f"no files match {data!r}; {_data_choices()}")
+    elif Path(spec).is_dir():
+        paths = [p for p in Path(spec).iterdir() if p.is_file() and _suffix(p)]
+        if not paths:
+            raise Bd3Error(
+                f"folder {data} holds no {', '.join(SUPPORTED_SUFFIXES)} files; {_data_choices()}"
+            )
+    elif Path(spec).is_file():
+        paths = [Path(spec)]
+    else:
+        raise Bd3Error(f"no such file, folder or data set: {data!r}; {_data_choices()}")
+    for path in paths:
+        if _suffix(path) is None:
+            raise Bd3Error(
+                f"{path}: unsupported file type; use {', '.join(SUPPORTED_SUFFIXES)} files"
+            )
+    return sorted(p.resolve() for p in paths)
+
+
+def split_paragraphs(text: str) -> list[str]:
+    """Blank-line separated paragraphs of ``text``, stripped, empty ones dropped."""
+    return _paragraphs(text)
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise Bd3Error(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
+
+
+def _select(docs: list[str], split: str) -> list[str]:
+    if split == "all":
+        return docs
+    want_valid = split == "valid"
+    return [d for i, d in enumerate(docs) if (i % VALID_EVERY == VALID_EVERY - 1) == want_valid]
+
+
+def _paragraphs(text: str) -> list[str]:
+    text = text.replace("\r\n", "\n").replace("\r", "\n")
+    return [p.strip() for p in re.split(r"\n\s*\n", text) if p.strip()]
+
+
+def _data_choices() -> str:
+    return (
+        "pass a path or glob of *.txt, *.jsonl or *.parquet files (.txt.gz/.jsonl.gz allowed), "
+        f"a built-in set ({', '.join(BUILTIN_SETS)}) or a hub set ({', '.join(HUB_SETS)})"
+    )
+
+
+# ----------------------------------------------------------------------------- local files
+
+
+def _suffix(path: Path) -> str | None:
+    name = path.name.lower()
+    for suffix in sorted(SUPPORTED_SUFFIXES, key=len, reverse=True):
+        if name.endswith(suffix):
+            return suffix
+    return None
+
+
+def _file_info(path: Path) -> dict[str, Any]:
+    stat = path.stat()
+    return {"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
+
+
+def _local_documents(files: list[Path]) -> list[str]:
+    docs: list[str] = []
+    for path in files:
+        file_docs = _file_documents(path)
+        if not file_docs:
+            raise Bd3Error(f"{path} holds no text (empty file); remove it or pass other data")
+        docs.extend(file_docs)
+    return docs
+
+
+def _file_documents(path: Path) -> list[str]:
+    suffix = _suffix(path)
+    if suffix in PARQUET_SUFFIXES:
+        return _parquet_documents(path)
+    text = _read_text(path)
+    if suffix in JSONL_SUFFIXES:
+        return _jsonl_documents(path, text)
+    return _paragraphs(text)
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        raw = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            raw = gzip.decompress(raw)
+    except (OSError, EOFError, zlib.error) as exc:
+        raise Bd3Error(f"cannot read {path}: {exc}; check the file (a .gz must be gzip)") from exc
+    return raw
+
+
+def _read_text(path: Path) -> str:
+    raw = _read_bytes(path)
+    if b"\x00" in raw:
+        raise Bd3Error(f"{path} looks binary (it has NUL bytes); pass a UTF-8 text file")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise Bd3Error(
+            f"{path} is not UTF-8 text (bad byte at offset {exc.start}); convert it to UTF-8"
+        ) from exc
+    return text.removeprefix("\ufeff")
+
+
+def _jsonl_documents(path: Path, text: str) -> list[str]:
+    docs: list[str] = []
+    field: str | None = None
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        record = _json_record(path, lineno, line)
+        field = field or _text_field(path, lineno, record)
+        value = record.get(field)
+        if value is not None and not isinstance(value, str):
+            raise Bd3Error(f"{path}:{lineno}: field {field!r} is not a string")
+        if value and value.strip():
+            docs.append(value.strip())
+    return docs
+
+
+def _json_record(path: Path, lineno: int, line: str) -> dict[str, Any]:
+    try:
+        record = json.loads(line)
+    except ValueError as exc:
+        raise Bd3Error(f"{path}:{lineno}: not valid JSON ({exc}); one object per line") from exc
+    if not isinstance(record, dict):
+        raise Bd3Error(f"{path}:{lineno}: each line must be a JSON object with a 'text' field")
+    return record
+
+
+def _text_field(path: Path, lineno: int, record: dict[str, Any]) -> str:
+    if "text" in record:
+        return "text"
+    strings = [k for k, v in record.items() if isinstance(v, str)]
+    if len(strings) == 1:
+        return strings[0]
+    raise Bd3Error(
+        f"{path}:{lineno}: no usable text field (fields: {', '.join(record) or 'none'}); "
+        "give each record a 'text' field"
+    )
+
+
+def _parquet_documents(path: Path) -> list[str]:
+    import pyarrow.parquet as pq  # imported lazily: it is slow to import
+
+    try:
+        table = pq.read_table(path, columns=[_parquet_column(path)])
+    except Bd3Error:
+        raise
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise Bd3Error(f"cannot read {path} as parquet: {exc}") from exc
+    values = table.column(0).to_pylist()
+    return [v.strip() for v in values if isinstance(v, str) and v.strip()]
+
+
+def _parquet_column(path: Path) -> str:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as exc:  # ArrowInvalid, OSError, ...
+        raise Bd3Error(f"cannot read {path} as parquet: {exc}") from exc
+    if "text" in schema.names:
+        return "text"
+    strings = [f.name for f in schema if pa.types.is_string(f.type)
+               or pa.types.is_large_string(f.type)]
+    if len(strings) == 1:
+        return strings[0]
+    raise Bd3Error(
+        f"{path}: no usable text column (columns: {', '.join(schema.names) or 'none'}); "
+        "add a 'text' column"
+    )
+
+
+# ----------------------------------------------------------------------------- hub sets
+
+
+def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether the hub's host resolves (and accepts a connection) within ``timeout`` s each."""
+    if not _run_with_timeout(lambda: socket.getaddrinfo(HUB_HOST, 443), timeout):
+        return False
+    if _proxy_configured():
+        return True  # a direct connection may be blocked while the proxy works
+    return _run_with_timeout(
+        lambda: socket.create_connection((HUB_HOST, 443), timeout).close(), timeout
+    )
+
+
+def _run_with_timeout(probe: Any, timeout: float) -> bool:
+    """Run ``probe`` in a daemon thread; True if it returned without error in time."""
+    outcome: dict[str, bool] = {}
+
+    def target() -> None:
+        try:
+            probe()
+            outcome["ok"] = True
+        except OSError:
+            outcome["ok"] = False
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    return outcome.get("ok", False)
+
+
+def _proxy_configured() -> bool:
+    return any(os.environ.get(v) for v in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"))
+
+
+def _offline_mode() -> bool:
+    flags = (os.environ.get(v, "") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    return any(f.strip().upper() in {"1", "ON", "YES", "TRUE"} for f in flags)
+
+
+def _hub_documents(name: str, split: str) -> Iterator[str]:
+    hub = HUB_SETS[name]
+    offline = _offline_mode()
+    if not offline and not hub_reachable():
+        raise Bd3Error(
+            f"hub set {name!r} needs the HuggingFace hub, but {HUB_HOST} is unreachable "
+            f"(offline?); {OFFLINE_ALTERNATIVES}. If the set is in your local HF cache, "
+            "set HF_HUB_OFFLINE=1"
+        )
+    parts = [hub.train, hub.valid] if split == "all" else [getattr(hub, split)]
+    datasets = [_load_hub_split(name, hub, part, offline) for part in parts]
+    return _hub_texts(datasets, hub.field)
+
+
+def _load_hub_split(name: str, hub: HubSet, part: str, offline: bool) -> Any:
+    import datasets  # imported lazily: slow, and touches the network
+
+    try:
+        return datasets.load_dataset(hub.path, hub.config, split=part)
+    except Exception as exc:  # network, missing cache, missing set: all user-facing here
+        where = "failed to load"
+        if offline:
+            where = "is not in the local HF cache (HF_HUB_OFFLINE is set)"
+        raise Bd3Error(
+            f"hub set {name!r} ({hub.path}, split {part}) {where}: {exc}; {OFFLINE_ALTERNATIVES}"
+        ) from exc
+
+
+def _hub_texts(datasets: list[Any], field: str) -> Iterator[str]:
+    for ds in datasets:
+        for batch in ds.iter(batch_size=1000):
+            for text in batch[field]:
+                if isinstance(text, str) and text.strip():
+                    yield text.strip()

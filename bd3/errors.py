@@ -1,0 +1,10 @@
+"""The one exception type for mistakes a user can make.
+
+The CLI prints its message as one paragraph and exits with code 1 (no traceback unless
+``--debug``). Library code raises it for bad input; programming errors stay ordinary
+exceptions.
+"""
+
+
+class Bd3Error(Exception):
+    """A user-facing error: the message says what was wrong and what to do."""

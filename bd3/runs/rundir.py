@@ -1,0 +1,203 @@
+"""Run directory layout (see README):
+
+    runs/<name>/
+      config.json               full resolved RunConfig
+      tokenizer.json            the tokenizer, so the run is usable alone
+      metrics.jsonl             one JSON object per logged step or evaluation
+      checkpoints/step-00001000/
+        model.safetensors       weights (config JSON in the metadata)
+        ema.safetensors         EMA weights (what eval and sample use)
+        train_state.safetensors optimiser moments and RNG states
+        train_state.json        counters and data position
+        config.json
+
+A checkpoint is written into a hidden temporary folder and renamed into place, so a crash
+never leaves a half-written checkpoint where a loader looks. Loading is strict: a missing,
+extra or misshapen tensor is an error naming the file and the key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from bd3.config import RunConfig
+from bd3.errors import Bd3Error
+
+CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "train_state.safetensors", "train_state.json", "config.json")
+
+
+class Run:
+    def __init__(self, path: Path, config: RunConfig) -> None:
+        self.path = Path(path)
+        self.config = config
+
+    # -- creating and opening -------------------------------------------------------------
+    @classmethod
+    def create(cls, path: Path, config: RunConfig, tokenizer_json: str, *, force: bool = False) -> Run:
+        path = Path(path)
+        if path.exists():
+            if not force:
+                raise Bd3Error(f"{path} already exists. Choose another --out, or pass --force to replace it.")
+            if not path.is_dir():
+                raise Bd3Error(f"{path} exists and is not a folder; remove it or choose another --out.")
+            shutil.rmtree(path)
+        (path / "checkpoints").mkdir(parents=True)
+        run = cls(path, config)
+        run.write_config()
+        (path / "tokenizer.json").write_text(tokenizer_json)
+        return run
+
+    @classmethod
+    def open(cls, path: Path) -> Run:
+        path = Path(path)
+        if not path.is_dir():
+            raise Bd3Error(f"Run directory {path} does not exist; pass a folder written by `bd3 pretrain` or `bd3 import`.")
+        return cls(path, RunConfig.load(path / "config.json"))
+
+    def write_config(self) -> None:
+        _atomic_write_text(self.path / "config.json", self.config.to_json())
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / "tokenizer.json"
+
+    # -- metrics -------------------------------------------------------------------------
+    def log(self, record: dict) -> None:
+        with open(self.path / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def metrics(self) -> list[dict]:
+        p = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.exists() else []
+
+    # -- checkpoints ---------------------------------------------------------------------
+    def checkpoints(self) -> list[Path]:
+        """Complete checkpoints, oldest first (temporary folders are ignored)."""
+        root = self.path / "checkpoints"
+        if not root.is_dir():
+            return []
+        return sorted(p for p in root.glob("step-*") if p.is_dir() and all((p / f).exists() for f in CHECKPOINT_FILES))
+
+    def latest_checkpoint(self) -> Path:
+        ckpts = self.checkpoints()
+        if not ckpts:
+            raise Bd3Error(f"{self.path} has no complete checkpoint under checkpoints/; was the run stopped before its first save?")
+        return ckpts[-1]
+
+    def save_checkpoint(
+        self,
+        step: int,
+        model: dict[str, torch.Tensor],
+        ema: dict[str, torch.Tensor],
+        state_tensors: dict[str, torch.Tensor],
+        state: dict,
+    ) -> Path:
+        final = self.path / "checkpoints" / f"step-{step:08d}"
+        tmp = self.path / "checkpoints" / f".tmp-step-{step:08d}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        meta = {"config": self.config.to_json(), "step": str(step), "format": "bd3"}
+        save_file(_contiguous(model), tmp / "model.safetensors", metadata=meta)
+        save_file(_contiguous(ema), tmp / "ema.safetensors", metadata=meta)
+        save_file(_contiguous(state_tensors), tmp / "train_state.safetensors", metadata={"step": str(step)})
+        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+        (tmp / "config.json").write_text(self.config.to_json())
+        for f in tmp.iterdir():
+            _fsync(f)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return final
+
+    def weights(self, which: str = "ema", checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
+        ckpt = checkpoint or self.latest_checkpoint()
+        return load_tensors(ckpt / f"{which}.safetensors")
+
+
+def load_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """Read a safetensors file; a missing, truncated or corrupted file is a clear error."""
+    path = Path(path)
+    if not path.is_file():
+        raise Bd3Error(f"{path} does not exist; the checkpoint is incomplete.")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise Bd3Error(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupted.") from None
+
+
+def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], source: Path | str) -> None:
+    """Load ``tensors`` into ``module``; every key and shape must match, or an error names them."""
+    expected = module.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    shapes = [
+        f"{k} (file {tuple(tensors[k].shape)}, model {tuple(v.shape)})"
+        for k, v in expected.items()
+        if k in tensors and tensors[k].shape != v.shape
+    ]
+    problems = []
+    if missing:
+        problems.append("missing " + ", ".join(missing))
+    if extra:
+        problems.append("unexpected " + ", ".join(extra))
+    if shapes:
+        problems.append("wrong shape " + ", ".join(shapes))
+    if problems:
+        raise Bd3Error(f"{source} does not match the model: " + "; ".join(problems) + ".")
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise Bd3Error(f"{source} holds non-finite values in {', '.join(bad)}; the checkpoint is corrupted.")
+    module.load_state_dict(tensors, strict=True)
+
+
+def resolve_run(run: Path | None, root: Path = Path("runs")) -> Path:
+    """The given run, or the newest run under ./runs (named on stderr)."""
+    if run is not None:
+        return Path(run)
+    candidates = [p for p in root.glob("*") if (p / "config.json").is_file()] if root.is_dir() else []
+    if not candidates:
+        raise Bd3Error(f"No run given and none found under ./{root}; pass a run directory, or create one with `bd3 pretrain`.")
+    newest = max(candidates, key=lambda p: (p / "config.json").stat().st_mtime)
+    print(f"Using the newest run: {newest}", file=sys.stderr)
+    return newest
+
+
+_ADJECTIVES = "amber brisk calm dapper eager fuzzy gentle hazy ivory jolly keen lucid mellow nimble olive plucky quiet rapid sunny tidy vivid witty".split()
+_NOUNS = "badger crane dingo egret falcon gecko heron ibis jackal koala lemur marten newt otter panda quail raven stoat tapir urchin vole walrus".split()
+
+
+def new_run_name(config: RunConfig, root: Path = Path("runs")) -> Path:
+    """``runs/<adjective>-<noun>-<algo>-bs<L'>``, unique under ``root``."""
+    rng = random.Random(time.time_ns())
+    d = config.diffusion
+    for _ in range(1000):
+        path = root / f"{rng.choice(_ADJECTIVES)}-{rng.choice(_NOUNS)}-{d.algo}-bs{d.block_size}"
+        if not path.exists():
+            return path
+    return root / f"run-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+
+
+def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+
+
+def _fsync(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+complete --command bd3 --no-files --arguments "(env _BD3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=get-args _TYPER_COMPLETE_ARGS=(commandline -cp) bd3)" --condition "env _BD3_COMPLETE=complete_fish _TYPER_COMPLETE_FISH_ACTION=is-args _TYPER_COMPLETE_ARGS=(commandline -cp) bd3"

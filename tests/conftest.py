@@ -1,0 +1,50 @@
+"""Shared fixtures: a tiny model config, a random-weight model, the reference fixture."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from bd3.config import ModelConfig
+from bd3.model import DiT
+
+REFERENCE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bd3lms-reference"
+
+
+@pytest.fixture
+def tiny_cfg() -> ModelConfig:
+    """2 layers, width 32, length 16 (block size 4 in the tests)."""
+    return ModelConfig(hidden_dim=32, n_heads=2, n_layers=2, cond_dim=16, length=16, dropout=0.0)
+
+
+def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """Give every parameter (adaLN and output layer too, which start at zero) random values,
+    so a mistake anywhere shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return model.eval()
+
+
+@pytest.fixture
+def tiny_model(tiny_cfg) -> DiT:
+    return randomize(DiT(tiny_cfg, vocab_size=40))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Token shards cached per test session, never in the user's ~/.cache."""
+    monkeypatch.setenv("BD3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bd3-cache"))
+
+
+@pytest.fixture
+def reference_fixture() -> Path:
+    """The reference implementation's parity fixture ($BD3_REFERENCE_FIXTURE or ../shared)."""
+    path = Path(os.environ.get("BD3_REFERENCE_FIXTURE", REFERENCE_FIXTURE))
+    if not (path / "expected.safetensors").exists():
+        pytest.skip(f"reference fixture not found at {path} (set BD3_REFERENCE_FIXTURE)")
+    return path
