@@ -61,6 +61,8 @@ def pretrain(
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
         raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
+    if Path(data).exists():  # a local file or folder: recorded absolute, so the run works from anywhere
+        data = str(Path(data).resolve())
     with _option_errors():
         cfg = RunConfig(
             model=model_config(model, length, causal=algo == "ar"),
