@@ -19,7 +19,6 @@ from bd3.config import DiffusionConfig
 from bd3.diffusion.loss import subs_log_probs
 from bd3.diffusion.objective import denoiser_hidden, nelbo
 from bd3.errors import Bd3Error
-from bd3.runs import Run
 from bd3.runs.hf import import_checkpoint
 from bd3.sampling.block import commit_block, denoise_block
 

@@ -13,7 +13,6 @@ import typer
 
 from bd3.cli import options as o
 from bd3.cli.common import err, load_model, open_run, run_tokenizer
-from bd3.errors import Bd3Error
 from bd3.runtime import resolve_device
 from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import sample_blocks
