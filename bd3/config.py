@@ -126,8 +126,10 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"  # auto: bf16 autocast where the device supports it, else fp32
     log_every: int = 20
-    save_every: int = 0  # 0: only at the end
-    eval_batches: int = 16  # validation batches for the end-of-run summary
+    save_every: int = 0  # also checkpoint (and validate) every N steps; 0: only at the end
+    keep_last: int = 0  # keep only the newest N checkpoints (and the best); 0 keeps all
+    skip_nonfinite: int = 0  # tolerate up to N steps with a non-finite loss or gradient
+    eval_batches: int = 16  # validation batches at each checkpoint
     parent: str | None = None  # the run this one was fine-tuned from
 
     def __post_init__(self) -> None:
@@ -138,6 +140,8 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "The number of warm-up steps cannot be negative.")
         _check(self.log_every > 0, f"--log-every must be positive, got {self.log_every}.")
         _check(self.save_every >= 0, f"--save-every cannot be negative, got {self.save_every}.")
+        _check(self.keep_last >= 0, f"--keep-last cannot be negative, got {self.keep_last}.")
+        _check(self.skip_nonfinite >= 0, f"--skip-nonfinite cannot be negative, got {self.skip_nonfinite}.")
         _check(0.0 <= self.ema_decay < 1.0, f"The EMA decay must be in [0, 1), got {self.ema_decay}.")
         _check(self.precision in PRECISIONS, f"Unknown precision {self.precision!r}; choose one of {', '.join(PRECISIONS)}.")
 

@@ -51,6 +51,7 @@ def shards_for(data: str, tokenizer: str, length: int, vocab_size: int) -> Token
 def run_shards(run: Run, length: int | None = None) -> TokenShards:
     """Token shards of the run's own data, tokenized with the run's own tokenizer."""
     cfg = run.config
+    run_tokenizer(run)  # a tokenizer.json that does not match the run is named first
     shards = shards_for(cfg.data.data, str(run.tokenizer_path), length or cfg.model.length, 0)
     if cfg.data.tokenizer_sha256 and shards.meta["tokenizer_sha256"] != cfg.data.tokenizer_sha256:
         raise Bd3Error(f"The data in {shards.path} was tokenized with another tokenizer than run {run.path}.")

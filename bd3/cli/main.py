@@ -19,7 +19,7 @@ from bd3.cli.eval_cmd import evaluate, variance
 from bd3.cli.sample_cmd import sample
 from bd3.cli.tokenize_cmd import tokenize_command
 from bd3.cli.train_cmd import finetune, pretrain
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, Stopped
 
 HELP = """Block diffusion language models (BD3-LMs): tokenize, pretrain, fine-tune, evaluate, sample.
 
@@ -67,10 +67,19 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"Error: {e}", file=sys.stderr)
         return 1
-    except typer.Abort:
+    except Stopped as e:
+        print(str(e), file=sys.stderr)
+        return e.exit_code
+    except (typer.Abort, KeyboardInterrupt):
         print("Interrupted.", file=sys.stderr)
         return 130
+    except MemoryError:
+        print("Error: out of memory. Use a smaller --batch-size, --length or --model.", file=sys.stderr)
+        return 1
     except Exception as e:
+        if _is_out_of_memory(e) and not os.environ.get("BD3_DEBUG"):
+            print(f"Error: out of memory ({str(e).splitlines()[0]}). Use a smaller --batch-size, --length or --model.", file=sys.stderr)
+            return 1
         if not _is_usage_error(e):
             raise
         ctx = getattr(e, "ctx", None)
@@ -79,6 +88,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {message}{'' if message.endswith(('.', ')')) else '.'}{where}", file=sys.stderr)
         return e.exit_code
     return rv if isinstance(rv, int) else 0
+
+
+def _is_out_of_memory(e: Exception) -> bool:
+    """torch's OutOfMemoryError (CUDA) and the CPU allocator's 'can't allocate memory'."""
+    text = str(e)
+    return type(e).__name__ == "OutOfMemoryError" or (isinstance(e, RuntimeError) and "allocate memory" in text)
 
 
 def _is_usage_error(e: Exception) -> bool:

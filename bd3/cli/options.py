@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,15 @@ RunArg = Annotated[
     Optional[Path],
     typer.Argument(help="Run directory. Default: the newest run under ./runs.", show_default=False),
 ]
-Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+
+
+def _check_device(value: str) -> str:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
+        raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N.")
+    return value
+
+
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_check_device)]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]

@@ -16,13 +16,26 @@ from bd3.errors import Bd3Error
 from bd3.runs import new_run_name
 from bd3.train import train
 
-Steps = Annotated[int, typer.Option(help="Optimiser steps.", min=1)]
+Steps = Annotated[
+    Optional[int],
+    typer.Option(help="Optimiser steps (pretrain default 800, finetune 300); with --resume, the new total.", min=1, show_default=False),
+]
 Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0)]
 Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)]
+FINETUNE_STEPS = 300
 Out = Annotated[Optional[Path], typer.Option(help="Run directory to create. Default: runs/<readable-unique-name>.", show_default=False)]
 LogEvery = Annotated[int, typer.Option(help="Log every N steps (progress line and metrics.jsonl).", min=1)]
 SaveEvery = Annotated[int, typer.Option(help="Also save a checkpoint every N steps (0: only at the end).", min=0)]
 Resample = Annotated[bool, typer.Option("--resample", help="Force each block's realised mask rate into the clip interval.")]
+Resume = Annotated[
+    bool,
+    typer.Option(
+        "--resume", help="Continue the run named by --out (default: the newest under ./runs) from its newest checkpoint, "
+        "with exactly the losses of an uninterrupted run; its config.json is used."
+    ),
+]
+KeepLast = Annotated[int, typer.Option(help="Keep only the newest N checkpoints (the best one is always kept); 0 keeps all.", min=0)]
+SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
 
 def pretrain(
@@ -35,7 +48,7 @@ def pretrain(
     block_size: Annotated[int, typer.Option(help="Block size L' (must divide the length).", min=1)] = 16,
     clip: o.Clip = None,
     resample: Resample = False,
-    steps: Steps = 800,
+    steps: Steps = None,
     batch_size: o.BatchSize = 16,
     lr: Lr = 1e-3,
     warmup_steps: Warmup = 100,
@@ -45,7 +58,10 @@ def pretrain(
     device: o.Device = "auto",
     precision: o.Precision = "auto",
     log_every: LogEvery = 20,
-    save_every: SaveEvery = 0,
+    save_every: SaveEvery = 200,
+    keep_last: KeepLast = 0,
+    skip_nonfinite: SkipNonfinite = 0,
+    resume: Resume = False,
 ) -> None:
     """Train a BD3-LM from scratch (with no options: a small model on the built-in corpus).
 
@@ -56,7 +72,10 @@ def pretrain(
       bd3 pretrain --block-size 128 --data web        # MDLM-like pre-training at L' = L
       bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --out runs/owt
       bd3 pretrain --data 'books/*.txt' --tokenizer bpe --vocab-size 16384 --steps 5000
+      bd3 pretrain --resume --out runs/owt --steps 20000  # continue after a crash or Ctrl-C
     """
+    if resume:
+        return _resume(out, steps)
     if algo not in ALGOS:
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
@@ -69,8 +88,9 @@ def pretrain(
             diffusion=DiffusionConfig(algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample),
             data=DataConfig(data=data, tokenizer=tokenizer),
             train=TrainConfig(
-                steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed, device=device,
-                precision=precision, log_every=log_every, save_every=save_every,
+                steps=steps or TrainConfig.steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
+                device=device, precision=precision, log_every=log_every, save_every=save_every, keep_last=keep_last,
+                skip_nonfinite=skip_nonfinite,
             ),
         )
     shards = shards_for(data, tokenizer, length, vocab_size)
@@ -82,7 +102,7 @@ def finetune(
     block_size: o.BlockSize = None,
     clip: o.Clip = None,
     resample: Resample = False,
-    steps: Steps = 300,
+    steps: Steps = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: the parent's.", min=1, show_default=False)] = None,
     lr: Lr = 3e-4,
     warmup_steps: Warmup = 50,
@@ -92,7 +112,10 @@ def finetune(
     device: o.Device = "auto",
     precision: o.Precision = "auto",
     log_every: LogEvery = 20,
-    save_every: SaveEvery = 0,
+    save_every: SaveEvery = 100,
+    keep_last: KeepLast = 0,
+    skip_nonfinite: SkipNonfinite = 0,
+    resume: Resume = False,
 ) -> None:
     """Continue training a run's (EMA) weights at a new block size and clip interval,
     into a new run that records its parent.
@@ -102,7 +125,10 @@ def finetune(
     \b
       bd3 finetune --block-size 4 --clip 0.45 0.95    # the newest run under ./runs
       bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3 0.8 --steps 2000 --out runs/owt-bs16
+      bd3 finetune --resume --out runs/owt-bs16
     """
+    if resume:
+        return _resume(out, steps)
     parent = open_run(run)
     pcfg = parent.config
     if pcfg.diffusion.algo == "ar":
@@ -116,9 +142,9 @@ def finetune(
             ),
             data=pcfg.data,
             train=replace(
-                pcfg.train, steps=steps, batch_size=batch_size or pcfg.train.batch_size, lr=lr, warmup_steps=warmup_steps,
-                seed=seed, device=device, precision=precision, log_every=log_every, save_every=save_every,
-                parent=str(parent.path),
+                pcfg.train, steps=steps or FINETUNE_STEPS, batch_size=batch_size or pcfg.train.batch_size, lr=lr,
+                warmup_steps=warmup_steps, seed=seed, device=device, precision=precision, log_every=log_every,
+                save_every=save_every, keep_last=keep_last, skip_nonfinite=skip_nonfinite, parent=str(parent.path),
             ),
         )
     ckpt = parent.latest_checkpoint()
@@ -126,6 +152,16 @@ def finetune(
         cfg, run_shards(parent), out or new_run_name(cfg), init_weights=parent.weights("ema", ckpt),
         init_source=str(ckpt / "ema.safetensors"), force=force, console=err,
     )
+
+
+def _resume(out: Path | None, steps: int | None) -> None:
+    """Continue a run from its newest complete checkpoint, with its own config and data."""
+    run = open_run(out)
+    cfg = run.config
+    if steps is not None:
+        with _option_errors():
+            cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    train(cfg, run_shards(run), run.path, resume=True, console=err)
 
 
 @contextmanager

@@ -106,19 +106,61 @@ class Run:
         tmp = self.path / "checkpoints" / f".tmp-step-{step:08d}-{os.getpid()}"
         if tmp.exists():
             shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
         meta = {"config": self.config.to_json(), "step": str(step), "format": "bd3"}
-        save_file(_contiguous(model), tmp / "model.safetensors", metadata=meta)
-        save_file(_contiguous(ema), tmp / "ema.safetensors", metadata=meta)
-        save_file(_contiguous(state_tensors), tmp / "train_state.safetensors", metadata={"step": str(step)})
-        (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
-        (tmp / "config.json").write_text(self.config.to_json())
-        for f in tmp.iterdir():
-            _fsync(f)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        try:
+            tmp.mkdir(parents=True)
+            save_file(_contiguous(model), tmp / "model.safetensors", metadata=meta)
+            save_file(_contiguous(ema), tmp / "ema.safetensors", metadata=meta)
+            save_file(_contiguous(state_tensors), tmp / "train_state.safetensors", metadata={"step": str(step)})
+            (tmp / "train_state.json").write_text(json.dumps(state, indent=2) + "\n")
+            (tmp / "config.json").write_text(self.config.to_json())
+            for f in tmp.iterdir():
+                _fsync(f)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+        except OSError as e:  # disk full, permissions: the previous checkpoint stays intact
+            shutil.rmtree(tmp, ignore_errors=True)
+            previous = self.checkpoints()
+            kept = f"the newest complete checkpoint is {previous[-1]}" if previous else "no checkpoint was written"
+            raise Bd3Error(f"Could not write the checkpoint for step {step} in {self.path} ({e}); {kept}.") from None
         return final
+
+    def train_state(self, ckpt: Path) -> dict:
+        path = ckpt / "train_state.json"
+        try:
+            return json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise Bd3Error(f"{path} is unreadable ({e}); the checkpoint cannot be resumed.") from None
+
+    def remove_partial_checkpoints(self) -> None:
+        """Delete temporary folders left by a save that was killed half-way."""
+        for tmp in (self.path / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def truncate_metrics(self, step: int) -> None:
+        """Drop records logged after ``step`` (by a run that was interrupted after its last save)."""
+        kept = [r for r in self.metrics() if r.get("step", 0) <= step and r.get("event") != "summary"]
+        _atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in kept))
+
+    def best(self) -> dict | None:
+        p = self.path / "best.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def record_best(self, ckpt: Path, step: int, valid_nelbo: float) -> None:
+        """Name ``ckpt`` in best.json if its validation NELBO is the lowest so far."""
+        best = self.best()
+        if best is None or valid_nelbo < best["valid_nelbo"] or not (self.path / best["checkpoint"]).exists():
+            record = {"checkpoint": str(ckpt.relative_to(self.path)), "step": step, "valid_nelbo": valid_nelbo}
+            _atomic_write_text(self.path / "best.json", json.dumps(record, indent=2) + "\n")
+
+    def prune(self, keep_last: int) -> None:
+        """Delete all but the newest ``keep_last`` checkpoints, never the best one."""
+        best = self.best()
+        protected = {best["checkpoint"]} if best else set()
+        for ckpt in self.checkpoints()[:-keep_last]:
+            if str(ckpt.relative_to(self.path)) not in protected:
+                shutil.rmtree(ckpt)
 
     def weights(self, which: str = "ema", checkpoint: Path | None = None) -> dict[str, torch.Tensor]:
         ckpt = checkpoint or self.latest_checkpoint()

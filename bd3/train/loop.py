@@ -1,7 +1,15 @@
-"""``train(cfg, shards, out)``: the one library call behind ``bd3 pretrain`` and ``bd3 finetune``."""
+"""``train(cfg, shards, out)``: the one library call behind ``bd3 pretrain`` and ``bd3 finetune``.
+
+Everything that decides the next step is part of a checkpoint (weights, EMA, AdamW moments,
+the step, the data position, the torch and noise RNG states), so ``resume=True`` continues a
+run with exactly the losses it would have had without the interruption (same device).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+import signal
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -15,10 +23,10 @@ from bd3 import __version__
 from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
 from bd3.diffusion.objective import diffusion_loss
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, Stopped
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.model import DiT
-from bd3.runs import Run, load_strict
+from bd3.runs import Run, load_strict, load_tensors
 from bd3.runtime import autocast, resolve_device, resolve_precision
 from bd3.train.ema import EMA
 
@@ -26,14 +34,14 @@ from bd3.train.ema import EMA
 class Batches:
     """Shuffled rows, epoch by epoch; (epoch, position) is the data position for resuming."""
 
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int) -> None:
+    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
         if len(rows) < batch_size:
             raise Bd3Error(
                 f"The training split has {len(rows)} rows of tokens, fewer than the batch size {batch_size}; "
                 "use a smaller --batch-size or --length, or more data."
             )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.epoch, self.position = 0, 0
+        self.epoch, self.position = epoch, position
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
@@ -68,6 +76,112 @@ def fill_data_config(cfg: RunConfig, shards: TokenShards) -> RunConfig:
     return replace(cfg, data=data)
 
 
+class Trainer:
+    """The model, its optimiser, EMA, data order and RNG: all a checkpoint restores."""
+
+    def __init__(self, cfg: RunConfig, shards: TokenShards, device: torch.device, precision: str) -> None:
+        self.cfg, self.device, self.precision = cfg, device, precision
+        tcfg = cfg.train
+        torch.manual_seed(tcfg.seed)
+        self.model = DiT(cfg.model, cfg.data.vocab_size).to(device)
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, foreach=True
+        )
+        self.ema = EMA(self.model, tcfg.ema_decay)
+        self.data = Batches(shards.rows("train"), tcfg.batch_size, tcfg.seed)
+        self.noise = torch.Generator(device=device).manual_seed(tcfg.seed)
+        self.step = 0
+        self.skipped = 0  # non-finite steps tolerated so far
+        self.last_validation: dict | None = None
+
+    def train_step(self) -> tuple[float, float]:
+        """One optimiser step; returns (loss, gradient norm). A non-finite loss or gradient
+        leaves the weights untouched."""
+        tcfg = self.cfg.train
+        self.step += 1
+        lr = lr_at(self.step - 1, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x0 = self.data.next().to(self.device)
+        with autocast(self.device, self.precision):
+            loss = diffusion_loss(self.model, x0, self.cfg.diffusion, self.cfg.data.mask_id, generator=self.noise).mean
+        self.optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            return loss.item(), float("nan")
+        loss.backward()
+        if tcfg.grad_clip > 0:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
+        else:
+            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()]))
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.item(), float("nan")
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return loss.item(), float(grad_norm)
+
+    # -- checkpoints --------------------------------------------------------------------
+    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        opt = self.optimizer.state_dict()
+        tensors = {
+            f"optimizer.{idx}.{name}": torch.as_tensor(value)
+            for idx, state in opt["state"].items() for name, value in state.items()
+        }
+        tensors["rng.torch"] = torch.get_rng_state()
+        tensors["rng.noise"] = self.noise.get_state()
+        state = {
+            "step": self.step,
+            "skipped_steps": self.skipped,
+            "ema_updates": self.ema.updates,
+            "data": {"epoch": self.data.epoch, "position": self.data.position, "seed": self.data.seed},
+            "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
+            "bd3_version": __version__,
+        }
+        return tensors, state
+
+    def save(self, run: Run) -> Path:
+        tensors, state = self.state()
+        return run.save_checkpoint(self.step, self.model.state_dict(), self.ema.state_dict(), tensors, state)
+
+    def restore(self, run: Run, ckpt: Path) -> None:
+        """Load a checkpoint written by :meth:`save`, strictly."""
+        load_strict(self.model, load_tensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
+        ema = load_tensors(ckpt / "ema.safetensors")
+        missing = sorted(set(self.ema.shadow) - set(ema))
+        if missing:
+            raise Bd3Error(f"{ckpt / 'ema.safetensors'} lacks {', '.join(missing)}; the checkpoint is incomplete.")
+        self.ema.shadow = {k: ema[k].float().to(self.device) for k in self.ema.shadow}
+        state = run.train_state(ckpt)
+        tensors = load_tensors(ckpt / "train_state.safetensors")
+        opt_state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("optimizer."):
+                _, idx, name = key.split(".", 2)
+                opt_state.setdefault(int(idx), {})[name] = value
+        groups = self.optimizer.state_dict()["param_groups"]
+        try:
+            saved = state["optimizer_param_groups"]
+            for group, s in zip(groups, saved, strict=True):
+                group.update({k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
+            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
+            torch.set_rng_state(tensors["rng.torch"])
+            self.noise.set_state(tensors["rng.noise"])
+            self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            self.ema.updates = int(state["ema_updates"])
+            d = state["data"]
+            self.data = Batches(self.data.rows, self.data.batch_size, d["seed"], d["epoch"], d["position"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise Bd3Error(f"The training state in {ckpt} is incomplete or corrupted ({e}); it cannot be resumed.") from None
+
+    @contextlib.contextmanager
+    def ema_weights(self):
+        """A copy of the model holding the EMA weights (what evaluation and sampling use)."""
+        with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
+            model = DiT(self.cfg.model, self.cfg.data.vocab_size).to(self.device)
+        model.load_state_dict(self.ema.state_dict())
+        yield model
+
+
 def train(
     cfg: RunConfig,
     shards: TokenShards,
@@ -76,88 +190,113 @@ def train(
     init_weights: dict[str, torch.Tensor] | None = None,
     init_source: str = "",
     force: bool = False,
+    resume: bool = False,
     console: Console | None = None,
 ) -> dict:
-    """Train a model on ``shards`` into the run directory ``out``; return the summary dict."""
+    """Train a model on ``shards`` into the run directory ``out``; return the summary dict.
+
+    With ``resume`` the run in ``out`` continues from its newest complete checkpoint (its
+    config.json is authoritative; ``cfg.train.steps`` may extend it).
+    """
     console = console or Console(stderr=True)
     cfg = fill_data_config(cfg, shards)
     device = resolve_device(cfg.train.device)
     precision = resolve_precision(cfg.train.precision, device)
-    tcfg, dcfg = cfg.train, cfg.diffusion
-    torch.manual_seed(tcfg.seed)
+    trainer = Trainer(cfg, shards, device, precision)
+    if resume:
+        run = Run.open(out)
+        if run.config.data.tokenizer_sha256 != cfg.data.tokenizer_sha256:
+            raise Bd3Error(f"The data's tokenizer does not match run {run.path}; resume with the run's own data.")
+        run.config = cfg
+        run.write_config()
+        ckpt = run.latest_checkpoint()
+        run.remove_partial_checkpoints()
+        trainer.restore(run, ckpt)
+        run.truncate_metrics(trainer.step)
+        if trainer.step >= cfg.train.steps:
+            raise Bd3Error(f"{run.path} already has {trainer.step} of {cfg.train.steps} steps; pass a larger --steps to continue.")
+    else:
+        if init_weights is not None:
+            load_strict(trainer.model, init_weights, init_source)
+            trainer.ema = EMA(trainer.model, cfg.train.ema_decay)
+        run = Run.create(out, cfg, shards.tokenizer.to_json(), force=force)
+    _announce(console, run, trainer, resumed=resume)
+    with _stop_requests() as stop:
+        elapsed = _loop(trainer, run, shards, console, stop)
+    return _summarise(trainer, run, shards, console, elapsed)
 
-    model = DiT(cfg.model, cfg.data.vocab_size).to(device)
-    if init_weights is not None:
-        load_strict(model, init_weights, init_source)
-    run = Run.create(out, cfg, shards.tokenizer.to_json(), force=force)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, foreach=True)
-    ema = EMA(model, tcfg.ema_decay)
-    data = Batches(shards.rows("train"), tcfg.batch_size, tcfg.seed)
-    noise = torch.Generator(device=device).manual_seed(tcfg.seed)
+
+def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, stop: dict) -> float:
+    cfg = trainer.cfg
+    tcfg = cfg.train
     tokens_per_step = tcfg.batch_size * cfg.model.length
-
-    n_params = sum(p.numel() for p in model.parameters())
-    console.print(
-        f"[bold]bd3 {'finetune' if tcfg.parent else 'pretrain'}[/] -> {run.path}  "
-        f"{dcfg.algo}, block size {dcfg.block_size}, clip {list(dcfg.clip)}, {n_params / 1e6:.1f}M parameters, "
-        f"{len(data.rows)} train rows x {cfg.model.length} tokens, {device} {precision}"
-    )
     start = time.perf_counter()
     window_loss, window_steps, window_start = 0.0, 0, start
-    model.train()
+    trainer.model.train()
     with _progress(console) as progress:
-        task = progress.add_task("train", total=tcfg.steps, stats="")
-        for step in range(1, tcfg.steps + 1):
-            lr = lr_at(step - 1, tcfg)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            x0 = data.next().to(device)
-            with autocast(device, precision):
-                losses = diffusion_loss(model, x0, dcfg, cfg.data.mask_id, generator=noise)
-            loss = losses.mean
-            if not torch.isfinite(loss):
-                raise Bd3Error(f"The loss became {loss.item()} at step {step}; lower --lr or use --precision fp32.")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), tcfg.grad_clip) if tcfg.grad_clip > 0 else torch.tensor(0.0)
-            optimizer.step()
-            ema.update(model)
-            window_loss += loss.item()
+        task = progress.add_task("train", total=tcfg.steps, completed=trainer.step, stats="")
+        while trainer.step < tcfg.steps:
+            loss, grad_norm = trainer.train_step()
+            step = trainer.step
+            if not np.isfinite(grad_norm):
+                trainer.skipped += 1
+                run.log({"step": step, "event": "nonfinite", "loss": loss, "skipped_steps": trainer.skipped})
+                if trainer.skipped > tcfg.skip_nonfinite:
+                    last = run.checkpoints()
+                    kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
+                    raise Bd3Error(
+                        f"The loss or its gradient became non-finite ({loss}) at step {step}; {kept}. "
+                        "Lower --lr, use --precision fp32, or pass --skip-nonfinite N to skip up to N such steps."
+                    )
+                continue
+            window_loss += loss
             window_steps += 1
-
             if step % tcfg.log_every == 0 or step == tcfg.steps:
                 now = time.perf_counter()
                 record = {
-                    "step": step,
-                    "loss": window_loss / window_steps,
-                    "lr": lr,
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
-                    "elapsed_s": now - start,
-                    "tokens": step * tokens_per_step,
+                    "step": step, "loss": window_loss / max(window_steps, 1), "lr": lr_at(step - 1, tcfg),
+                    "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
+                    "elapsed_s": now - start, "tokens": step * tokens_per_step,
                 }
                 run.log(record)
-                stats = f"loss {record['loss']:.3f}  lr {lr:.2e}  {record['tokens_per_s']:.0f} tok/s"
+                stats = f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
                 progress.update(task, stats=stats)
                 if not console.is_terminal:
                     console.print(f"step {step}/{tcfg.steps}  {stats}  {record['elapsed_s']:.0f}s")
                 window_loss, window_steps, window_start = 0.0, 0, now
             progress.update(task, completed=step)
-            if tcfg.save_every and step % tcfg.save_every == 0 and step != tcfg.steps:
-                _save(run, step, model, optimizer, ema, data, noise)
+            if stop["signal"]:
+                path = trainer.save(run)
+                name, code = stop["signal"]
+                raise Stopped(f"{name} received: saved {path} at step {step}. Continue with --resume.", code)
+            if step == tcfg.steps or (tcfg.save_every and step % tcfg.save_every == 0):
+                _checkpoint(trainer, run, shards)
+    return time.perf_counter() - start
 
-    _save(run, tcfg.steps, model, optimizer, ema, data, noise)
-    elapsed = time.perf_counter() - start
 
-    load_strict(model, {k: v.to(next(model.parameters()).dtype) for k, v in ema.state_dict().items()}, "EMA weights")
+def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
+    """Save, score the EMA weights on validation data, keep best.json and the newest N."""
+    path = trainer.save(run)
+    tcfg = trainer.cfg.train
+    with trainer.ema_weights() as model:
+        result = nelbo_perplexity(
+            model, shards.rows("valid"), trainer.cfg.diffusion, trainer.cfg.data.mask_id, batch_size=tcfg.batch_size,
+            max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
+        )
+    run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
+    run.record_best(path, trainer.step, result["nelbo"])
+    if tcfg.keep_last:
+        run.prune(tcfg.keep_last)
+    trainer.last_validation = result
+
+
+def _summarise(trainer: Trainer, run: Run, shards: TokenShards, console: Console, elapsed: float) -> dict:
+    tcfg = trainer.cfg.train
+    result = trainer.last_validation
     valid = shards.rows("valid")
-    result = nelbo_perplexity(
-        model, valid, dcfg, cfg.data.mask_id, batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches,
-        seed=tcfg.seed, device=device,
-    )
     unigram = unigram_perplexity(shards.unigram_counts("train"), valid[: tcfg.eval_batches * tcfg.batch_size])
     summary = {
-        "event": "summary", "step": tcfg.steps, "elapsed_s": elapsed, "valid_nelbo": result["nelbo"],
+        "event": "summary", "step": trainer.step, "elapsed_s": elapsed, "valid_nelbo": result["nelbo"],
         "valid_ppl": result["ppl"], "valid_tokens": result["tokens"], "unigram_ppl": unigram, "bound": result["bound"],
     }
     run.log(summary)
@@ -169,23 +308,38 @@ def train(
     return summary
 
 
-def _save(run: Run, step: int, model, optimizer, ema: EMA, data: Batches, noise: torch.Generator) -> Path:
-    """Model, EMA, optimiser moments and RNG states in safetensors; counters in JSON."""
-    opt = optimizer.state_dict()
-    tensors = {}
-    for idx, state in opt["state"].items():
-        for name, value in state.items():
-            tensors[f"optimizer.{idx}.{name}"] = torch.as_tensor(value)
-    tensors["rng.torch"] = torch.get_rng_state()
-    tensors["rng.noise"] = noise.get_state()
-    state = {
-        "step": step,
-        "ema_updates": ema.updates,
-        "data": {"epoch": data.epoch, "position": data.position, "seed": data.seed},
-        "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-        "bd3_version": __version__,
-    }
-    return run.save_checkpoint(step, model.state_dict(), ema.state_dict(), tensors, state)
+def _announce(console: Console, run: Run, trainer: Trainer, resumed: bool) -> None:
+    cfg = trainer.cfg
+    d = cfg.diffusion
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    verb = f"resuming at step {trainer.step}" if resumed else ("finetune" if cfg.train.parent else "pretrain")
+    console.print(
+        f"[bold]bd3 {verb}[/] -> {run.path}  {d.algo}, block size {d.block_size}, clip {list(d.clip)}, "
+        f"{n_params / 1e6:.1f}M parameters, {len(trainer.data.rows)} train rows x {cfg.model.length} tokens, "
+        f"{trainer.device} {trainer.precision}"
+    )
+
+
+@contextlib.contextmanager
+def _stop_requests():
+    """SIGINT (Ctrl-C) and SIGTERM ask the loop to save and stop after the current step; a
+    second Ctrl-C interrupts at once."""
+    stop: dict = {"signal": None}
+
+    def on_signal(signum, frame):
+        if signum == signal.SIGINT and stop["signal"]:
+            raise KeyboardInterrupt
+        stop["signal"] = ("SIGINT", 130) if signum == signal.SIGINT else ("SIGTERM", 143)
+
+    try:
+        previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    except ValueError:  # not the main thread: leave signals alone
+        previous = {}
+    try:
+        yield stop
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _progress(console: Console) -> Progress:

@@ -1,0 +1,302 @@
+"""Runs survive interruptions and crashes; every user mistake gets one clear line."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bd3.cli.main import main
+from bd3.runs import Run
+
+TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
+# `tiny` has dropout, so resuming must restore the RNG too
+RESUMABLE = [*TRAIN, "--model", "tiny", "--block-size", "8", "--save-every", "2", "--seed", "7"]
+
+
+def step_losses(run: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in Run.open(run).metrics() if "loss" in r and r.get("event") is None}
+
+
+def bd3_subprocess(*args, cwd: Path, **kw) -> subprocess.Popen:
+    code = "import sys; from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **kw)
+
+
+def wait_for(predicate, timeout: float = 120.0) -> None:
+    end = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > end:
+            raise TimeoutError
+        time.sleep(0.05)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_losses(workdir):
+    steps = 16  # the signal must land well before the end, even on a loaded machine
+    assert main(["pretrain", *RESUMABLE, "--steps", str(steps), "--out", "whole"]) == 0
+    reference = step_losses(workdir / "whole")
+    assert sorted(reference) == list(range(1, steps + 1))
+
+    proc = bd3_subprocess("pretrain", *RESUMABLE, "--steps", str(steps), "--out", "cut", cwd=workdir, env=os.environ)
+    wait_for(lambda: (workdir / "cut" / "metrics.jsonl").exists() and len(step_losses(workdir / "cut")) >= 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err
+    assert "SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    stopped_at = max(int(p.name.split("-")[1]) for p in Run.open(workdir / "cut").checkpoints())
+    assert stopped_at < steps
+
+    assert main(["pretrain", "--resume", "--out", "cut"]) == 0
+    assert step_losses(workdir / "cut") == reference  # exactly, step for step
+
+
+def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(workdir):
+    # Make the third checkpoint write slow, then kill the process in the middle of it.
+    slow = (
+        "import sys, time, bd3.runs.rundir as r; orig = r.save_file; n = [0]\n"
+        "def slow(*a, **k):\n"
+        "    orig(*a, **k); n[0] += 1\n"
+        "    if n[0] == 7: time.sleep(60)\n"  # 3 files per checkpoint: the 3rd checkpoint's first file
+        "r.save_file = slow\n"
+        "from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"
+    )
+    args = ["pretrain", *TRAIN, "--steps", "6", "--save-every", "1", "--out", "killed"]
+    proc = subprocess.Popen([sys.executable, "-c", slow, *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    ckpts = workdir / "killed" / "checkpoints"
+    wait_for(lambda: ckpts.exists() and any(p.name.startswith(".tmp-step-00000003") for p in ckpts.iterdir()))
+    proc.kill()
+    proc.wait()
+    run = Run.open(workdir / "killed")
+    assert [p.name for p in run.checkpoints()] == ["step-00000001", "step-00000002"]
+    load_file(run.latest_checkpoint() / "ema.safetensors")  # complete and loadable
+    assert main(["pretrain", "--resume", "--out", "killed"]) == 0
+    assert [p.name for p in Run.open(workdir / "killed").checkpoints()][-1] == "step-00000006"
+    assert not any(p.name.startswith(".tmp") for p in ckpts.iterdir())
+
+
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(workdir, capsys, monkeypatch):
+    import bd3.train.loop as loop
+
+    real = loop.diffusion_loss
+    calls = [0]
+
+    def sometimes_nan(*a, **k):
+        calls[0] += 1
+        losses = real(*a, **k)
+        if calls[0] == 3:
+            losses.token_loss = losses.token_loss * float("nan")
+        return losses
+
+    monkeypatch.setattr(loop, "diffusion_loss", sometimes_nan)
+    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--out", "nan"]) == 1
+    err = capsys.readouterr().err
+    assert "step 3" in err and "step-00000002" in err and "--skip-nonfinite" in err
+    assert [p.name for p in Run.open(workdir / "nan").checkpoints()] == ["step-00000002"]
+
+    calls[0] = 0
+    assert main(["pretrain", *TRAIN, "--steps", "4", "--skip-nonfinite", "1", "--out", "skip"]) == 0
+    events = [r for r in Run.open(workdir / "skip").metrics() if r.get("event") == "nonfinite"]
+    assert [e["step"] for e in events] == [3]
+
+
+def test_keep_last_prunes_but_keeps_the_best(workdir):
+    assert main(["pretrain", *TRAIN, "--steps", "6", "--save-every", "1", "--keep-last", "2", "--out", "k"]) == 0
+    run = Run.open(workdir / "k")
+    best = json.loads((run.path / "best.json").read_text())
+    names = {p.name for p in run.checkpoints()}
+    assert {"step-00000005", "step-00000006"} <= names and len(names) <= 3
+    assert (run.path / best["checkpoint"]).is_dir()
+    scores = [r["valid_nelbo"] for r in run.metrics() if r.get("event") == "validation"]
+    assert best["valid_nelbo"] == min(scores)
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("trained")
+    old = os.getcwd()
+    os.chdir(root)
+    os.environ.setdefault("BD3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bd3-cache"))
+    try:
+        assert main(["pretrain", *TRAIN, "--steps", "1", "--block-size", "8", "--out", "good"]) == 0
+    finally:
+        os.chdir(old)
+    return root / "good"
+
+
+def damaged(trained: Path, tmp_path: Path, damage: str) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    ckpt = run / "checkpoints" / "step-00000001"
+    ema = ckpt / "ema.safetensors"
+    if damage == "truncated":
+        ema.write_bytes(ema.read_bytes()[:200])
+    elif damage == "garbage":
+        ema.write_bytes(b"\x00not a safetensors file" * 10)
+    elif damage == "missing_tensor":
+        t = load_file(ema)
+        del t["blocks.0.attn_out.weight"]
+        save_file(t, ema)
+    elif damage == "nan_tensor":
+        t = load_file(ema)
+        t["blocks.1.mlp.0.weight"][0, 0] = float("nan")
+        save_file(t, ema)
+    elif damage == "missing_file":
+        ema.unlink()
+        (ckpt / "model.safetensors").unlink()
+    elif damage == "no_checkpoints":
+        shutil.rmtree(run / "checkpoints")
+        (run / "checkpoints").mkdir()
+    elif damage == "unknown_key":
+        cfg = json.loads((run / "config.json").read_text())
+        cfg["train"]["lerning_rate"] = 1
+        (run / "config.json").write_text(json.dumps(cfg))
+    elif damage == "bad_json":
+        (run / "config.json").write_text("{not json")
+    elif damage == "no_config":
+        (run / "config.json").unlink()
+    elif damage == "tokenizer":
+        tok = json.loads((run / "tokenizer.json").read_text())
+        tok["model"]["vocab"]["zzzz-extra"] = len(tok["model"]["vocab"]) + 100
+        (run / "tokenizer.json").write_text(json.dumps(tok))
+    return run
+
+
+RUN_DAMAGE = [
+    ("truncated", "ema.safetensors"),
+    ("garbage", "ema.safetensors"),
+    ("missing_tensor", "blocks.0.attn_out.weight"),
+    ("nan_tensor", "blocks.1.mlp.0.weight"),
+    ("missing_file", "complete checkpoint"),
+    ("no_checkpoints", "no complete checkpoint"),
+    ("unknown_key", "lerning_rate"),
+    ("bad_json", "not valid JSON"),
+    ("no_config", "config.json"),
+    ("tokenizer", "tokenizer.json"),
+]
+
+
+@pytest.mark.parametrize("damage,needle", RUN_DAMAGE)
+@pytest.mark.parametrize("command", ["eval", "sample"])
+def test_damaged_runs_are_refused_with_the_file_named(trained, tmp_path, capsys, damage, needle, command):
+    run = damaged(trained, tmp_path, damage)
+    assert main([command, str(run), "--device", "cpu"]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and err.startswith("Error:")
+
+
+def write_inputs(d: Path) -> None:
+    (d / "empty.txt").write_text("")
+    (d / "binary.txt").write_bytes(bytes(range(256)) * 8)
+    (d / "notjson.json").write_text("{")
+    (d / "file.txt").write_text("hello\n")
+    (d / "taken").mkdir()
+    (d / "taken" / "keep.txt").write_text("mine")
+    (d / "export").mkdir()
+    (d / "export" / "x").write_text("x")
+
+
+BAD_ARGS = [
+    # (arguments, exit code, text the message must contain); {run} is a trained run
+    (["pretrain", "--algo", "sedd2"], 2, "--algo"),
+    (["pretrain", "--model", "huge"], 2, "--model"),
+    (["pretrain", "--steps", "0"], 2, "--steps"),
+    (["pretrain", "--steps", "-3"], 2, "--steps"),
+    (["pretrain", "--batch-size", "0"], 2, "--batch-size"),
+    (["pretrain", "--lr", "0"], 2, "learning rate"),
+    (["pretrain", "--length", "30", "--block-size", "8"], 2, "divide"),
+    (["pretrain", "--block-size", "0"], 2, "--block-size"),
+    (["pretrain", "--clip", "0.9", "0.1"], 2, "--clip"),
+    (["pretrain", "--clip", "-0.1", "0.5"], 2, "--clip"),
+    (["pretrain", "--clip", "0.5", "1.5"], 2, "--clip"),
+    (["pretrain", "--precision", "fp16"], 2, "precision"),
+    (["pretrain", "--length", "4"], 2, "--length"),
+    (["pretrain", "--no-such-option"], 2, "--no-such-option"),
+    (["pretrain", "--data", "missing.txt", "--steps", "1"], 1, "missing.txt"),
+    (["pretrain", "--data", "empty.txt", "--steps", "1"], 1, "empty.txt"),
+    (["pretrain", "--data", "binary.txt", "--steps", "1"], 1, "binary.txt"),
+    (["pretrain", "--data", "nosuchset", "--steps", "1"], 1, "nosuchset"),
+    (["pretrain", "--tokenizer", "nosuchtok", "--steps", "1"], 1, "nosuchtok"),
+    (["pretrain", "--tokenizer", "notjson.json", "--steps", "1"], 1, "notjson.json"),
+    (["pretrain", "--out", "taken", "--steps", "1", "--length", "32"], 1, "--force"),
+    (["pretrain", "--out", "file.txt", "--steps", "1", "--length", "32", "--force"], 1, "file.txt"),
+    (["pretrain", "--resume", "--out", "nowhere"], 1, "nowhere"),
+    (["pretrain", "--resume", "--out", "{run}"], 1, "--steps"),
+    (["pretrain", "--device", "tpu", "--steps", "1", "--length", "32"], 2, "tpu"),
+    (["finetune", "{run}", "--block-size", "5"], 2, "divide"),
+    (["finetune", "{run}", "--clip", "0.6", "0.2"], 2, "--clip"),
+    (["finetune", "nowhere", "--block-size", "4"], 1, "nowhere"),
+    (["eval", "nowhere"], 1, "nowhere"),
+    (["eval", "{run}", "--split", "test"], 2, "--split"),
+    (["eval", "{run}", "--passes", "0"], 2, "--passes"),
+    (["sample", "{run}", "--top-p", "1.5"], 2, "--top-p"),
+    (["sample", "{run}", "--format", "xml"], 2, "--format"),
+    (["sample", "{run}", "--block-size", "5"], 2, "--block-size"),
+    (["variance", "{run}", "--clip", "0.5"], 2, "--clip"),
+    (["variance", "{run}", "--clip", "0.8,0.2"], 2, "--clip"),
+    (["tokenize", "--data", "missing.txt"], 1, "missing.txt"),
+    (["import", "nowhere/at-all", "out"], 1, "nowhere/at-all"),
+    (["import", "file.txt", "out"], 1, "file.txt"),
+    (["export", "{run}", "export"], 1, "--force"),
+]
+
+
+@pytest.mark.parametrize("args,code,needle", BAD_ARGS, ids=[" ".join(a[0]) for a in BAD_ARGS])
+def test_bad_input_table(trained, workdir, capsys, args, code, needle):
+    write_inputs(workdir)
+    got = main([a.replace("{run}", str(trained)) for a in args])
+    err = capsys.readouterr().err
+    assert got == code, err
+    assert needle in err and "Traceback" not in err
+    assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
+    assert (workdir / "taken" / "keep.txt").read_text() == "mine"  # nothing overwritten
+
+
+def test_debug_shows_the_traceback(workdir):
+    from bd3.errors import Bd3Error
+
+    with pytest.raises(Bd3Error):
+        main(["--debug", "eval", "nowhere"])
+    os.environ.pop("BD3_DEBUG", None)
+
+
+def test_no_code_path_unpickles():
+    root = Path(__file__).resolve().parents[1] / "bd3"
+    text = "\n".join(p.read_text() for p in root.rglob("*.py"))
+    assert "torch.load(" not in text and "import pickle" not in text and "weights_only" not in text
+
+
+def test_disk_full_while_saving_keeps_the_previous_checkpoint(workdir, capsys, monkeypatch):
+    import bd3.runs.rundir as rundir
+
+    real, calls = rundir.save_file, [0]
+
+    def full_disk(*a, **k):
+        calls[0] += 1
+        if calls[0] > 3:  # the second checkpoint
+            raise OSError(28, "No space left on device")
+        return real(*a, **k)
+
+    monkeypatch.setattr(rundir, "save_file", full_disk)
+    assert main(["pretrain", *TRAIN, "--steps", "2", "--save-every", "1", "--out", "full"]) == 1
+    err = capsys.readouterr().err
+    assert "No space left" in err and "step-00000001" in err and "Traceback" not in err
+    run = Run.open(workdir / "full")
+    assert [p.name for p in run.checkpoints()] == ["step-00000001"]
+    assert not [p for p in (run.path / "checkpoints").iterdir() if p.name.startswith(".tmp")]
