@@ -17,8 +17,7 @@ from bd3 import __version__
 from bd3.errors import Bd3Error
 
 ALGOS = ("bd3lm", "mdlm", "ar")
-SCHEDULES = ("linear",)
-SCHEDULE_ALIASES = {"loglinear": "linear"}
+VARIANCES = ("paper", "block")
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # The full interval used for every likelihood evaluation (the paper's U[1e-3, 1]).
@@ -72,16 +71,26 @@ class DiffusionConfig:
 
     algo: str = "bd3lm"  # bd3lm | mdlm (block size = length) | ar (causal, next token)
     block_size: int = 16  # tokens per block L'; must divide the length
-    schedule: str = "linear"  # mask probability p(t) = t, weight 1/t
-    clip: tuple[float, float] = FULL_CLIP  # t ~ U[beta, omega] during training
+    schedule: str = "linear"  # noise schedule spec, e.g. "cosine" or "gaussian:mu=0.5:sigma=0.2"
+    weighting: str = "elbo"  # training loss reweighting: elbo, edm, iddpm, sigmoid:k=K, fm, simple
+    clip: tuple[float, float] = FULL_CLIP  # mask rates drawn from [beta, omega] during training
     resample: bool = False  # force each block's realised mask rate into the clip interval
+    clip_search: bool = False  # at each validation, move the clip to the lowest-variance interval
+    fix_clip: bool = False  # with clip_search: only report the search, keep the interval
+    variance: str = "paper"  # which variance the search minimises: paper (across batches) or block
     antithetic: bool = True  # stratified draws of t over the (sequence, block) pairs
     ignore_bos: bool = True  # position 0 (BOS) is never masked and not counted
 
     def __post_init__(self) -> None:
-        self.schedule = SCHEDULE_ALIASES.get(self.schedule, self.schedule)
+        # The specs' own vocabulary lives with their maths; canonical specs name every parameter.
+        from bd3.diffusion.schedules import canonical, get_schedule, parse_spec
+        from bd3.diffusion.weighting import WEIGHTING_DEFAULTS
+
         _check(self.algo in ALGOS, f"Unknown algorithm {self.algo!r}; choose one of {', '.join(ALGOS)}.")
-        _check(self.schedule in SCHEDULES, f"Unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}.")
+        self.schedule = canonical(self.schedule)
+        get_schedule(self.schedule)
+        parse_spec(self.weighting, WEIGHTING_DEFAULTS)
+        _check(self.variance in VARIANCES, f"Unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}.")
         _check(self.block_size > 0, f"The block size must be positive, got {self.block_size}.")
         beta, omega = self.clip = (float(self.clip[0]), float(self.clip[1]))
         _check(

@@ -75,11 +75,12 @@ def test_flow_as_users_type_it(workdir, capsys):
     assert cfg["train"]["parent"] == str(Path("runs") / run.name)
     assert cfg["diffusion"]["block_size"] == 4 and cfg["diffusion"]["clip"] == [0.45, 0.95]
 
-    code, out, err = bd3("variance", child, "--block-size", 4, "--batch-size", 2, "--max-batches", 2, "--json", "--device", "cpu", capsys=capsys)
+    code, out, err = bd3("variance", child, "--block-size", 4, "--batch-size", 2, "--max-batches", 2, "--json", "--device", "cpu",
+                         "--clip", "0.001,1", "--clip", "0.5,1", "--clip", "0.45,0.95", capsys=capsys)
     assert code == 0, err
     table = json.loads(out)["intervals"]
     assert [(r["beta"], r["omega"]) for r in table][:3] == [(0.001, 1.0), (0.5, 1.0), (0.45, 0.95)]
-    assert sum(r["best"] for r in table) == 1 and all(r["var_batch"] >= 0 for r in table)
+    assert sum(r["best"] for r in table) == 1 and all(r["var_paper"] >= 0 for r in table)
 
 
 @pytest.mark.parametrize(

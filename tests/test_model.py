@@ -1,10 +1,10 @@
-"""The backbone's KV cache and sampler primitives."""
+"""The backbone's KV cache and the sampler primitives over it (the samplers: test_sampling.py)."""
 
 import torch
 
 from bd3.config import ModelConfig
 from bd3.model import DiT
-from bd3.sampling.block import commit_block, denoise_block, sample_blocks
+from bd3.sampling.block import commit_block, denoise_block
 from tests.conftest import randomize
 
 MASK = 39
@@ -38,30 +38,3 @@ def test_ar_model_cache_equals_full_causal_pass():
             steps.append(model(x[:, i : i + 1], positions=torch.tensor([i]), kv_cache=cache))
             cache.commit(1)
         torch.testing.assert_close(torch.cat(steps, 1), model(x), atol=1e-5, rtol=0)
-
-
-def test_sampler_first_hitting_fills_blocks_one_call_per_token(tiny_model):
-    g = torch.Generator().manual_seed(0)
-    seen = []
-    x, stats = sample_blocks(
-        tiny_model, batch=3, max_tokens=16, block_size=4, length=16, mask_id=MASK, bos_id=0, generator=g,
-        on_block=lambda x: seen.append(x.shape[1]),
-    )
-    assert x.shape == (3, 16) and (x != MASK).all() and (x[:, 0] == 0).all()
-    assert seen == [4, 8, 12, 16]  # streamed block by block
-    assert stats.nfe == 16 - 1  # one model call per generated token (BOS is given)
-
-
-def test_sampler_cache_and_recompute_give_the_same_text(tiny_model):
-    kw = dict(batch=2, max_tokens=16, block_size=4, length=16, mask_id=MASK, bos_id=0)
-    a, _ = sample_blocks(tiny_model, generator=torch.Generator().manual_seed(5), kv_cache=True, **kw)
-    b, _ = sample_blocks(tiny_model, generator=torch.Generator().manual_seed(5), kv_cache=False, **kw)
-    assert torch.equal(a, b)
-
-
-def test_sampler_slides_past_the_model_length(tiny_model):
-    x, _ = sample_blocks(
-        tiny_model, batch=1, max_tokens=40, block_size=4, length=16, mask_id=MASK, bos_id=0,
-        generator=torch.Generator().manual_seed(0),
-    )
-    assert x.shape == (1, 40) and (x != MASK).all()

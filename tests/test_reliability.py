@@ -10,7 +10,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 
 from bd3.cli.main import main
@@ -18,7 +17,7 @@ from bd3.runs import Run
 
 TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
 # `tiny` has dropout, so resuming must restore the RNG too
-RESUMABLE = [*TRAIN, "--model", "tiny", "--block-size", "8", "--save-every", "2", "--seed", "7"]
+RESUMABLE = [*TRAIN, "--model", "tiny", "--block-size", "8", "--save-every", "8", "--eval-batches", "2", "--seed", "7"]
 
 
 def step_losses(run: Path) -> dict[int, float]:

@@ -3,33 +3,51 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from pathlib import Path
 from typing import Annotated, Optional
+
+import numpy as np
 
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import load_model, open_run, print_table, run_shards
-from bd3.config import FULL_CLIP, RunConfig
+from bd3.cli.common import err, load_model, open_run, print_table, run_shards, run_tokenizer
+from bd3.config import FULL_CLIP, VARIANCES, RunConfig
+from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
 from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import DEFAULT_INTERVALS, nelbo_variance
+from bd3.evaluate.variance import nelbo_variance
+from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
 from bd3.runtime import resolve_device, resolve_precision
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
 
 
-def _at_block_size(cfg: RunConfig, block_size: int | None) -> RunConfig:
-    if block_size is None or cfg.diffusion.algo != "bd3lm":
-        return cfg
-    return RunConfig(model=cfg.model, diffusion=replace(cfg.diffusion, block_size=block_size), data=cfg.data, train=cfg.train)
+def _evaluated_as(cfg: RunConfig, block_size: int | None, schedule: str | None = None) -> RunConfig:
+    """The run's config at another block size and/or schedule (invalid combinations: exit 2)."""
+    changes = {}
+    if block_size is not None and cfg.diffusion.algo == "bd3lm":
+        changes["block_size"] = block_size
+    if schedule is not None:
+        changes["schedule"] = _check_schedule(schedule)
+    try:
+        return RunConfig(model=cfg.model, diffusion=replace(cfg.diffusion, **changes), data=cfg.data, train=cfg.train)
+    except Bd3Error as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 def evaluate(
     run: o.RunArg = None,
     split: Split = "valid",
     block_size: o.BlockSize = None,
+    schedule: Annotated[Optional[str], typer.Option(help="Noise schedule of the NELBO estimate (any gives the same bound in expectation). Default: linear.", show_default=False)] = None,
     passes: Annotated[int, typer.Option(help="Monte-Carlo passes over the split (mean and spread reported).", min=1)] = 1,
+    zero_shot: Annotated[
+        Optional[list[str]],
+        typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)} (comma-separated or repeated).", show_default=False),
+    ] = None,
+    data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet).", show_default=False)] = None,
     batch_size: o.BatchSize = 16,
     max_batches: MaxBatches = None,
     seed: o.Seed = 1,
@@ -46,13 +64,37 @@ def evaluate(
       bd3 eval                                  # the newest run under ./runs
       bd3 eval runs/owt-bs4 --passes 4 --json
       bd3 eval runs/owt-bs4 --block-size 16     # evaluate at another block size
+      bd3 eval runs/owt-bs4 --zero-shot ptb,wikitext2,devil
+      bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
     """
     r = open_run(run)
-    cfg = _at_block_size(r.config, block_size)
+    cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     if split not in ("valid", "train"):
         raise typer.BadParameter(f"{split!r} is not one of valid, train.", param_hint="--split")
+    names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
+    for name in names:
+        if name not in ZERO_SHOT_SETS:
+            raise typer.BadParameter(f"{name!r} is not one of {', '.join(ZERO_SHOT_SETS)}.", param_hint="--zero-shot")
+    if data is not None and len(names) != 1:
+        raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one.", param_hint="--data")
     dev = resolve_device(device)
     model = load_model(r, dev)
+    if names:
+        run_tokenizer(r)
+        results = []
+        for name in names:
+            rows = zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)
+            res = nelbo_perplexity(
+                model, rows, cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
+                passes=passes, seed=seed, device=dev, precision=resolve_precision(precision, dev),
+            )
+            results.append({**res, "set": name, "ppl_label": f"{'<= ' if res['bound'] else ''}{res['ppl']:.3f}"})
+        print_table(
+            f"bd3 eval {r.path}: zero-shot", results,
+            [("set", "set"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", "perplexity")],
+            json_, {"run": str(r.path), "algo": cfg.diffusion.algo, "block_size": cfg.diffusion.block_size, "zero_shot": results},
+        )
+        return
     result = nelbo_perplexity(
         model, run_shards(r).rows(split), cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
         passes=passes, seed=seed, device=dev, precision=resolve_precision(precision, dev),
@@ -74,45 +116,102 @@ def variance(
     block_size: o.BlockSize = None,
     clip: Annotated[
         Optional[list[str]],
-        typer.Option(help="An interval BETA,OMEGA to score; repeat for several. Default: a few of the paper's.", show_default=False),
+        typer.Option(help="An interval BETA,OMEGA to score; repeat for several. Default: the paper's grid (widths 0.5-0.9 in steps of 0.05, slid in steps of 0.05, and [0.001, 1]).", show_default=False),
     ] = None,
+    schedule: Annotated[
+        Optional[str], typer.Option(help="Schedules to compare, comma-separated (e.g. linear,cosine,gaussian:mu=0.6). Default: the run's.", show_default=False)
+    ] = None,
+    kind: Annotated[str, typer.Option("--variance", help="Which variance picks the minimiser: paper (across batches) or block (per-block, the reference code's).")] = "paper",
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the variance over (beta, omega) into this PNG (needs matplotlib).", show_default=False)] = None,
     batch_size: o.BatchSize = 16,
-    max_batches: Annotated[int, typer.Option(help="Validation batches per interval.", min=2)] = 32,
+    max_batches: Annotated[int, typer.Option(help="Validation batches per interval.", min=2)] = 16,
     seed: o.Seed = 1,
     device: o.Device = "auto",
+    precision: o.Precision = "auto",
     json_: o.Json = False,
 ) -> None:
-    """NELBO and its variance under clipped noise intervals U[beta, omega].
+    """NELBO and its variance when mask rates are clipped to [beta, omega]: the paper's
+    data-driven search for the training interval.
 
-    'Var (paper)' is the variance across batches of the batch NELBO (paper eq. 9-10);
-    'Var (per block)' is the reference code's within-batch variance of per-block estimates.
-    The minimiser of the paper's variance is marked. NELBO is a bound only for [0.001, 1].
+    'Var (paper)' is the variance across batches of the batch NELBO (paper eq. 9-10), the
+    default criterion; 'Var (per block)' is the reference code's within-batch variance of
+    per-block estimates. The minimiser is marked. NELBO is a bound only for [0.001, 1].
 
     Examples:
 
     \b
       bd3 variance --block-size 4
       bd3 variance runs/owt-bs4 --clip 0.45,0.95 --clip 0.3,0.8 --json
+      bd3 variance --schedule linear,cosine,gaussian:mu=0.6 --plot variance.png
     """
+    if kind not in VARIANCES:
+        raise typer.BadParameter(f"{kind!r} is not one of {', '.join(VARIANCES)}.", param_hint="--variance")
+    schedules = [_check_schedule(s) for s in schedule.split(",")] if schedule else None
+    intervals = [_parse_interval(c) for c in clip] if clip else None
+    if plot is not None:
+        _pyplot()  # fail before the work if matplotlib is missing
     r = open_run(run)
-    cfg = _at_block_size(r.config, block_size)
-    intervals = [_parse_interval(c) for c in clip] if clip else list(DEFAULT_INTERVALS)
+    cfg = _evaluated_as(r.config, block_size)
     dev = resolve_device(device)
     model = load_model(r, dev)
     rows = run_shards(r).rows("valid")
     if len(rows) < 2 * batch_size:
         raise Bd3Error(f"The validation split has {len(rows)} rows; the variance needs at least two batches of {batch_size}. Use a smaller --batch-size.")
-    results = nelbo_variance(model, rows, cfg.diffusion, cfg.data.mask_id, intervals, batch_size=batch_size, max_batches=max_batches, seed=seed, device=dev)
-    best = min(results, key=lambda x: x["var_batch"])
+    results = nelbo_variance(
+        model, rows, cfg.diffusion, cfg.data.mask_id, intervals, schedules=schedules, batch_size=batch_size,
+        max_batches=max_batches, seed=seed, device=dev, precision=resolve_precision(precision, dev),
+    )
+    best = min(results, key=lambda x: x[f"var_{kind}"])
     for x in results:
         x["interval"] = f"[{x['beta']:g}, {x['omega']:g}]" + ("  <- lowest" if x is best else "")
         x["best"] = x is best
+    columns = [("interval", "interval"), ("nelbo", "NELBO / token"), ("var_paper", "Var (paper)"), ("var_block", "Var (per block)")]
+    if schedules:
+        columns.insert(0, ("schedule", "schedule"))
     print_table(
         f"bd3 variance {r.path} (block size {cfg.diffusion.block_size}, {results[0]['batches']} batches of {batch_size})",
-        results,
-        [("interval", "interval"), ("nelbo", "NELBO / token"), ("var_batch", "Var (paper)"), ("var_block", "Var (per block)")],
-        json_, {"run": str(r.path), "block_size": cfg.diffusion.block_size, "intervals": results},
+        results, columns, json_,
+        {"run": str(r.path), "block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "intervals": results},
     )
+    if plot is not None:
+        _plot(results, kind, plot)
+        err.print(f"Wrote {plot}")
+
+
+def _check_schedule(spec: str) -> str:
+    try:
+        return canonical(spec)
+    except Bd3Error as e:
+        raise typer.BadParameter(str(e), param_hint="--schedule") from None
+
+
+def _pyplot():
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise Bd3Error("--plot needs matplotlib: pip install 'bd3[plot]' (or pip install matplotlib).") from None
+    return plt
+
+
+def _plot(results: list[dict], kind: str, path: Path) -> None:
+    """One panel per schedule: each interval a square at (beta, omega), coloured by log variance."""
+    plt = _pyplot()
+    schedules = list(dict.fromkeys(r["schedule"] for r in results))
+    fig, axes = plt.subplots(1, len(schedules), figsize=(4.5 * len(schedules), 4), squeeze=False)
+    for ax, name in zip(axes[0], schedules):
+        rows = [r for r in results if r["schedule"] == name]
+        values = np.log10([max(r[f"var_{kind}"], 1e-12) for r in rows])
+        points = ax.scatter([r["beta"] for r in rows], [r["omega"] for r in rows], c=values, marker="s", s=120, cmap="viridis")
+        best = min(rows, key=lambda r: r[f"var_{kind}"])
+        ax.scatter([best["beta"]], [best["omega"]], marker="o", s=200, facecolors="none", edgecolors="red")
+        ax.set(xlabel="beta (lowest mask rate)", ylabel="omega (highest mask rate)", title=name, xlim=(-0.03, 0.55), ylim=(0.45, 1.03))
+        fig.colorbar(points, ax=ax, label=f"log10 Var ({kind})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
 
 
 def _parse_interval(text: str) -> tuple[float, float]:

@@ -34,6 +34,15 @@ Resume = Annotated[
         "with exactly the losses of an uninterrupted run; its config.json is used."
     ),
 ]
+Schedule = Annotated[
+    str,
+    typer.Option(help="Noise schedule: linear (alias loglinear), cosine, square, sqrt, log, gaussian[:mu=M:sigma=S], bimodal[:mu1=..:sigma1=..:mu2=..:sigma2=..:w=W]."),
+]
+Weighting = Annotated[str, typer.Option(help="Loss reweighting in the log-SNR: elbo (none), edm, iddpm, sigmoid[:k=K], fm, simple. Evaluation always reports the unweighted NELBO.")]
+ClipSearch = Annotated[bool, typer.Option("--clip-search", help="At every validation, score the paper's grid of clip intervals by NELBO variance and train with the minimiser from then on.")]
+FixClip = Annotated[bool, typer.Option("--fix-clip", help="With --clip-search: only report the search, keep the interval.")]
+Variance = Annotated[str, typer.Option("--variance", help="Which variance the clip search minimises: paper (across batches) or block (the reference code's).")]
+EvalBatches = Annotated[int, typer.Option(help="Validation batches at each checkpoint (and per interval of the clip search).", min=1)]
 KeepLast = Annotated[int, typer.Option(help="Keep only the newest N checkpoints (the best one is always kept); 0 keeps all.", min=0)]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
@@ -48,6 +57,11 @@ def pretrain(
     block_size: Annotated[int, typer.Option(help="Block size L' (must divide the length).", min=1)] = 16,
     clip: o.Clip = None,
     resample: Resample = False,
+    schedule: Schedule = "linear",
+    weighting: Weighting = "elbo",
+    clip_search: ClipSearch = False,
+    fix_clip: FixClip = False,
+    variance: Variance = "paper",
     steps: Steps = None,
     batch_size: o.BatchSize = 16,
     lr: Lr = 1e-3,
@@ -59,6 +73,7 @@ def pretrain(
     precision: o.Precision = "auto",
     log_every: LogEvery = 20,
     save_every: SaveEvery = 200,
+    eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
     resume: Resume = False,
@@ -85,12 +100,15 @@ def pretrain(
     with _option_errors():
         cfg = RunConfig(
             model=model_config(model, length, causal=algo == "ar"),
-            diffusion=DiffusionConfig(algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample),
+            diffusion=DiffusionConfig(
+                algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample, schedule=schedule,
+                weighting=weighting, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
+            ),
             data=DataConfig(data=data, tokenizer=tokenizer),
             train=TrainConfig(
                 steps=steps or TrainConfig.steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
                 device=device, precision=precision, log_every=log_every, save_every=save_every, keep_last=keep_last,
-                skip_nonfinite=skip_nonfinite,
+                skip_nonfinite=skip_nonfinite, eval_batches=eval_batches,
             ),
         )
     shards = shards_for(data, tokenizer, length, vocab_size)
@@ -102,6 +120,11 @@ def finetune(
     block_size: o.BlockSize = None,
     clip: o.Clip = None,
     resample: Resample = False,
+    schedule: Annotated[Optional[str], typer.Option(help="Noise schedule (see pretrain). Default: the parent's.", show_default=False)] = None,
+    weighting: Annotated[Optional[str], typer.Option(help="Loss reweighting (see pretrain). Default: the parent's.", show_default=False)] = None,
+    clip_search: ClipSearch = False,
+    fix_clip: FixClip = False,
+    variance: Variance = "paper",
     steps: Steps = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: the parent's.", min=1, show_default=False)] = None,
     lr: Lr = 3e-4,
@@ -113,6 +136,7 @@ def finetune(
     precision: o.Precision = "auto",
     log_every: LogEvery = 20,
     save_every: SaveEvery = 100,
+    eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
     resume: Resume = False,
@@ -125,6 +149,8 @@ def finetune(
     \b
       bd3 finetune --block-size 4 --clip 0.45 0.95    # the newest run under ./runs
       bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3 0.8 --steps 2000 --out runs/owt-bs16
+      bd3 finetune --block-size 4 --clip-search           # pick the clip interval from data as it trains
+      bd3 finetune --block-size 16 --schedule cosine --weighting sigmoid:k=0
       bd3 finetune --resume --out runs/owt-bs16
     """
     if resume:
@@ -138,13 +164,15 @@ def finetune(
             model=pcfg.model,
             diffusion=replace(
                 pcfg.diffusion, algo="bd3lm", block_size=block_size or pcfg.diffusion.block_size,
-                clip=clip or pcfg.diffusion.clip, resample=resample,
+                clip=clip or pcfg.diffusion.clip, resample=resample, schedule=schedule or pcfg.diffusion.schedule,
+                weighting=weighting or pcfg.diffusion.weighting, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
             ),
             data=pcfg.data,
             train=replace(
                 pcfg.train, steps=steps or FINETUNE_STEPS, batch_size=batch_size or pcfg.train.batch_size, lr=lr,
                 warmup_steps=warmup_steps, seed=seed, device=device, precision=precision, log_every=log_every,
-                save_every=save_every, keep_last=keep_last, skip_nonfinite=skip_nonfinite, parent=str(parent.path),
+                save_every=save_every, keep_last=keep_last, skip_nonfinite=skip_nonfinite, eval_batches=eval_batches,
+                parent=str(parent.path),
             ),
         )
     ckpt = parent.latest_checkpoint()

@@ -62,13 +62,15 @@ def wrap_rows(
     return rows, stream[n * body:]
 
 
-def document_stream(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
-    """Token ids of ``docs``, each followed by EOS, as one int64 array."""
+def document_stream(tokenizer: Tokenizer, docs: list[str], eos_between: bool = True) -> np.ndarray:
+    """Token ids of ``docs``, each followed by EOS (unless ``eos_between`` is False, the
+    reference's zero-shot protocol), as one int64 array."""
     flat: list[int] = []
     eos = tokenizer.eos_id
     for ids in tokenizer.encode_batch(docs):
         flat.extend(ids)
-        flat.append(eos)
+        if eos_between:
+            flat.append(eos)
     return np.array(flat, dtype=np.int64)
 
 
@@ -107,8 +109,11 @@ def tokenize(
     vocab_size: int = WEB_BPE_VOCAB_SIZE,
     force: bool = False,
     progress: bool = True,
+    eos_between: bool = True,
+    detokenizer: str | None = None,
+    splits: tuple[str, ...] = SHARD_SPLITS,
 ) -> "TokenShards":
-    """Tokenise the train and valid splits of ``data`` into a shard folder ``out_dir``.
+    """Tokenise the ``splits`` (default train and valid) of ``data`` into a shard folder ``out_dir``.
 
     ``tokenizer='bpe'`` means the shipped web-bpe for ``data='web'`` (at the default
     8192 tokens) and otherwise a BPE of ``vocab_size`` trained on ``data``'s train split.
@@ -124,10 +129,13 @@ def tokenize(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         splits = {
-            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress) for s in SHARD_SPLITS
+            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer)
+            for s in splits
         }
         tok.save(tmp / "tokenizer.json")
-        _write_json(tmp / "meta.json", _meta(tok, length, splits, source))
+        meta = _meta(tok, length, splits, source)
+        meta.update(eos_between_documents=eos_between, detokenizer=detokenizer)
+        _write_json(tmp / "meta.json", meta)
         _publish(tmp, out_dir, force)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -171,14 +179,15 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 
 def _write_split(
-    data: str, split: str, tok: Tokenizer, length: int, path: Path, progress: bool
+    data: str, split: str, tok: Tokenizer, length: int, path: Path, progress: bool,
+    eos_between: bool = True, detokenizer: str | None = None,
 ) -> dict[str, int]:
     dtype = row_dtype(tok.vocab_size)
     documents = 0
     with open(path, "wb") as fh, _progress_bar(f"tokenize {split}", progress) as bar:
         writer = _RowWriter(fh, tok, length, dtype)
-        for chunk in _chunks(iter_documents(data, split), ENCODE_CHUNK):
-            writer.add(document_stream(tok, chunk))
+        for chunk in _chunks(iter_documents(data, split, detokenizer), ENCODE_CHUNK):
+            writer.add(document_stream(tok, chunk, eos_between))
             documents += len(chunk)
             bar.update(len(chunk))
     if writer.rows == 0:
@@ -275,17 +284,21 @@ def cached_shards(
     vocab_size: int = WEB_BPE_VOCAB_SIZE,
     cache_dir: str | Path | None = None,
     progress: bool = True,
+    eos_between: bool = True,
+    detokenizer: str | None = None,
+    splits: tuple[str, ...] = SHARD_SPLITS,
 ) -> "TokenShards":
     """Shards for (data, tokenizer, length) from the cache, tokenising only on a miss."""
     _check_length(length)
-    key, tok = _cache_key(data, tokenizer, length, vocab_size)
+    wrapping = {"eos_between": eos_between, "detokenizer": detokenizer, "splits": list(splits)}
+    key, tok = _cache_key(data, tokenizer, length, vocab_size, wrapping)
     name = tokenizer.name if isinstance(tokenizer, Tokenizer) else tokenizer
     out = cache_root(cache_dir) / f"{_slug(data)}-{_slug(name)}-{length}-{key[:16]}"
     if _is_complete(out):
         return TokenShards(out)
     try:
-        return tokenize(data, tok or tokenizer, length, out, vocab_size=vocab_size,
-                        force=out.exists(), progress=progress)
+        return tokenize(data, tok or tokenizer, length, out, vocab_size=vocab_size, force=out.exists(),
+                        progress=progress, eos_between=eos_between, detokenizer=detokenizer, splits=splits)
     except _OutDirTaken:
         if _is_complete(out):  # a concurrent process built the same shards
             return TokenShards(out)
@@ -293,7 +306,7 @@ def cached_shards(
 
 
 def _cache_key(
-    data: str, tokenizer: str | Tokenizer, length: int, vocab_size: int
+    data: str, tokenizer: str | Tokenizer, length: int, vocab_size: int, wrapping: dict | None = None
 ) -> tuple[str, Tokenizer | None]:
     """(sha256 of everything the shards depend on, the tokenizer if it had to be loaded)."""
     tok = None
@@ -309,6 +322,8 @@ def _cache_key(
         "vocab_size": vocab_size,
         "length": int(length),
     }
+    if wrapping and wrapping != {"eos_between": True, "detokenizer": None, "splits": list(SHARD_SPLITS)}:
+        blob["wrapping"] = wrapping  # the default leaves earlier cache keys unchanged
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode("utf-8")).hexdigest()
     return digest, tok
 

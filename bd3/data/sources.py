@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from bd3.data.detokenizers import DETOKENIZERS
 from bd3.errors import Bd3Error
 
 CORPORA_DIR = Path(__file__).resolve().parent / "corpora"
@@ -75,8 +76,8 @@ HUB_SETS: dict[str, HubSet] = {
     "ptb": HubSet("ptb_text_only", None, "sentence", "train", "validation"),
     "lambada": HubSet("lambada", None, "text", "train", "test"),
     "ag_news": HubSet("ag_news", None, "text", "train", "test"),
-    "pubmed": HubSet("scientific_papers", "pubmed", "article", "train", "test"),
-    "arxiv": HubSet("scientific_papers", "arxiv", "article", "train", "test"),
+    "pubmed": HubSet("scientific_papers", "pubmed", "article", "train", "validation"),
+    "arxiv": HubSet("scientific_papers", "arxiv", "article", "train", "validation"),
 }
 
 OFFLINE_ALTERNATIVES = (
@@ -93,15 +94,22 @@ def read_documents(data: str, split: str) -> list[str]:
     return list(iter_documents(data, split))
 
 
-def iter_documents(data: str, split: str) -> Iterator[str]:
-    """Like :func:`read_documents` but lazy where the source allows (hub sets)."""
+def iter_documents(data: str, split: str, detokenizer: str | None = None) -> Iterator[str]:
+    """Like :func:`read_documents` but lazy where the source allows (hub sets).
+
+    ``detokenizer`` names a set in ``DETOKENIZERS`` whose detokenizer is applied to every
+    document; hub sets use their own by default (as the reference does)."""
     _check_split(split)
+    if detokenizer is None and data in HUB_SETS:
+        detokenizer = data
     if data in BUILTIN_SETS:
-        return iter(_select(_paragraphs(_read_text(builtin_path(data))), split))
-    if data in HUB_SETS:
-        return _hub_documents(data, split)
-    files = resolve_files(data)
-    return iter(_select(_local_documents(files), split))
+        docs = iter(_select(_paragraphs(_read_text(builtin_path(data))), split))
+    elif data in HUB_SETS:
+        docs = _hub_documents(data, split)
+    else:
+        docs = iter(_select(_local_documents(resolve_files(data)), split))
+    fn = DETOKENIZERS.get(detokenizer) if detokenizer else None
+    return map(fn, docs) if fn else docs
 
 
 def describe_source(data: str) -> dict[str, Any]:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-# The paper never draws t below this: the weight 1/t diverges at 0 (MDLM convention).
+# The lowest mask rate ever drawn: the NELBO weight diverges at 0 (MDLM convention).
 T_MIN = 1e-3
 
 
@@ -17,13 +17,13 @@ def sample_t(
     antithetic: bool = True,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """t ~ U[beta, omega] per (sequence, block), shape (batch, n_blocks), float32.
+    """t ~ U[lo, hi] per (sequence, block), shape (batch, n_blocks), float32.
 
     With ``antithetic`` the B * n_blocks draws are stratified: draw k lies in the k-th of
     B * n_blocks equal strata of [0, 1) before rescaling (the paper's low-discrepancy
-    sampler, Suppl. C.4). A lower bound below ``T_MIN`` is raised to it.
+    sampler, Suppl. C.4).
     """
-    beta, omega = max(clip[0], T_MIN), max(clip[1], T_MIN)
+    beta, omega = clip
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
     if antithetic:
         n = batch * n_blocks

@@ -1,7 +1,8 @@
 """The training and evaluation objectives, composed from the pure pieces.
 
-``model`` is any backbone with ``hidden_states(tokens, positions=, attn_mask=)`` and
-``logits(h, c)`` (the DiT); nothing here imports it.
+``model`` is any backbone with ``hidden_states(tokens, positions=, attn_mask=, first=)`` and
+``nll(h, c, targets, mask_id)`` (the DiT: the output layer and ``masked_nll`` fused); nothing
+here imports it.
 
 - ``bd3lm``: t per (sequence, block); one pass over the 2L input ``[x_t ; x_0]`` under the
   block-diffusion mask; the output layer runs only on the masked x_t positions.
@@ -16,10 +17,10 @@ from dataclasses import dataclass
 import torch
 
 from bd3.config import DiffusionConfig
-from bd3.diffusion.loss import masked_nll
 from bd3.diffusion.masks import block_diff_mask
-from bd3.diffusion.noise import corrupt, resample_corrupt, sample_t
+from bd3.diffusion.noise import T_MIN, corrupt, resample_corrupt, sample_t
 from bd3.diffusion.schedules import get_schedule
+from bd3.diffusion.weighting import token_weight
 
 
 @dataclass
@@ -51,18 +52,19 @@ def diffusion_loss(
     *,
     clip: tuple[float, float] | None = None,
     resample: bool | None = None,
+    weighting: str | None = None,
     generator: torch.Generator | None = None,
 ) -> Losses:
-    """The NELBO of a batch of clean sequences ``x0`` (B, L) under ``cfg``'s algorithm.
+    """The (weighted) NELBO of a batch of clean sequences ``x0`` (B, L) under ``cfg``.
 
-    ``clip`` and ``resample`` default to the training settings in ``cfg``; evaluation passes
-    ``clip=FULL_CLIP, resample=False``.
+    ``clip``, ``resample`` and ``weighting`` default to the training settings in ``cfg``;
+    evaluation passes ``clip=FULL_CLIP, resample=False, weighting="elbo"``.
     """
     if cfg.algo == "ar":
         return ar_loss(model, x0, mask_id)
     t_tok, xt = draw_noise(x0, cfg, mask_id, clip=cfg.clip if clip is None else clip,
                            resample=cfg.resample if resample is None else resample, generator=generator)
-    return nelbo(model, x0, xt, t_tok, cfg, mask_id)
+    return nelbo(model, x0, xt, t_tok, cfg, mask_id, weighting=cfg.weighting if weighting is None else weighting)
 
 
 def draw_noise(
@@ -74,12 +76,17 @@ def draw_noise(
     resample: bool,
     generator: torch.Generator | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """t per token (constant within each block) and the corrupted sequence x_t."""
+    """t per token (constant within each block) and the corrupted sequence x_t.
+
+    ``clip`` bounds the mask rate (never below ``T_MIN``); t is drawn from the range that the
+    schedule maps onto it."""
     B, L = x0.shape
     block_size = L if cfg.algo == "mdlm" else cfg.block_size
-    t = sample_t(B, L // block_size, clip, generator=generator, antithetic=cfg.antithetic, device=x0.device)
+    schedule = get_schedule(cfg.schedule)
+    t_range = schedule.t_range((max(clip[0], T_MIN), max(clip[1], T_MIN)))
+    t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, device=x0.device)
     t_tok = t.repeat_interleave(block_size, dim=1)
-    p_tok = get_schedule(cfg.schedule).mask_prob(t_tok)
+    p_tok = schedule.mask_prob(t_tok.double()).float()
     if resample:
         xt = resample_corrupt(x0, p_tok, mask_id, block_size, clip, generator=generator, keep_first=cfg.ignore_bos)
     else:
@@ -95,18 +102,22 @@ def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionCon
     L = x0.shape[1]
     positions = torch.arange(L, device=x0.device).repeat(2)
     mask = block_diff_mask(L, cfg.block_size, str(x0.device))
-    h, c = model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask)
-    return h[:, :L], c
+    return model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, first=L)
 
 
-def nelbo(model, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, cfg: DiffusionConfig, mask_id: int) -> Losses:
-    """Weighted NLL of the masked tokens given x_t and the noise levels ``t_tok`` (B, L)."""
+def nelbo(
+    model, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
+    *, weighting: str = "elbo",
+) -> Losses:
+    """Weighted NLL of the masked tokens given x_t and the noise levels ``t_tok`` (B, L):
+    the NELBO with ``weighting="elbo"``, a reweighted objective otherwise."""
     B, L = x0.shape
     h, c = denoiser_hidden(model, xt, x0, cfg)
     masked = xt == mask_id
-    nll = masked_nll(model.logits(h[masked], c), x0[masked], mask_id)
+    nll = model.nll(h[masked], c, x0[masked], mask_id)
     token_loss = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
-    token_loss[masked] = get_schedule(cfg.schedule).weight(t_tok[masked]) * nll
+    schedule, t = get_schedule(cfg.schedule), t_tok[masked]
+    token_loss[masked] = token_weight(weighting, schedule.weight(t), schedule.mask_prob(t.double())) * nll
     return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
 
 
@@ -114,6 +125,6 @@ def ar_loss(model, x0: torch.Tensor, mask_id: int) -> Losses:
     """Exact next-token NLL of positions 1..L-1 given their prefix (causal model)."""
     B, L = x0.shape
     h, c = model.hidden_states(x0[:, :-1])
-    nll = masked_nll(model.logits(h.reshape(-1, h.shape[-1]), c), x0[:, 1:].reshape(-1), mask_id)
+    nll = model.nll(h.reshape(-1, h.shape[-1]), c, x0[:, 1:].reshape(-1), mask_id)
     token_loss = torch.cat([torch.zeros(B, 1, device=x0.device, dtype=nll.dtype), nll.view(B, L - 1)], dim=1)
     return Losses(token_loss, B * (L - 1))

@@ -48,7 +48,8 @@ def nelbo_perplexity(
         total, count = 0.0, 0
         for x0 in batches(rows, batch_size, max_batches):
             with autocast(device, precision):
-                losses = diffusion_loss(model, x0.to(device), cfg, mask_id, clip=FULL_CLIP, resample=False, generator=generator)
+                losses = diffusion_loss(model, x0.to(device), cfg, mask_id, clip=FULL_CLIP, resample=False, weighting="elbo",
+                                        generator=generator)
             total += losses.total.item()
             count += losses.count
         nelbos.append(total / count)

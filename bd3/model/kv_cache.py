@@ -1,9 +1,10 @@
 """A KV cache passed to ``DiT.forward``: K (after rotary) and V of clean blocks, per layer.
 
 Every call writes the K/V of its input tokens into the slots right after the cached ones
-and attends over cache + new tokens; ``commit`` then keeps them (one pass over a finished,
-clean block) so the next block sees them. Beyond the capacity a sliding window drops the
-oldest tokens (``make_room``).
+and attends over cache + new tokens; ``commit`` then keeps some of them (the clean tokens of
+that pass) so later calls see them, and the next call overwrites the rest. Beyond the
+capacity a sliding window drops the oldest tokens (``make_room``). Rows can be dropped
+(``select``) when their samples stop, so they cost nothing more.
 """
 
 from __future__ import annotations
@@ -29,29 +30,44 @@ class KVCache:
         self.capacity = capacity
         self.length = 0  # cached (committed) tokens
 
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write the new tokens' K/V after the cached ones; return the K/V to attend over."""
+        """Write the new tokens' K/V (B, H, S, d) after the cached ones; return the K/V to
+        attend over (B, H, length + S, d)."""
         end = self.length + k.shape[2]
         if end > self.capacity:
             raise ValueError(f"KV cache overflow: {end} > {self.capacity}; call make_room first")
-        self.k[layer, :, :, self.length : end] = k.to(self.k.dtype)
-        self.v[layer, :, :, self.length : end] = v.to(self.v.dtype)
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
     def commit(self, n: int) -> None:
-        """Keep the ``n`` tokens the last forward pass wrote."""
+        """Keep the first ``n`` tokens the last forward pass wrote."""
+        if self.length + n > self.capacity:
+            raise ValueError(f"KV cache overflow: {self.length + n} > {self.capacity}")
         self.length += n
 
-    def make_room(self, n: int) -> None:
-        """Drop the oldest cached tokens so that ``n`` new ones fit (the sliding window)."""
+    def make_room(self, n: int) -> int:
+        """Drop the oldest cached tokens so that ``n`` new ones fit (the sliding window);
+        returns how many were dropped."""
+        if n > self.capacity:
+            raise ValueError(f"{n} tokens do not fit in a KV cache of {self.capacity}")
         drop = self.length + n - self.capacity
-        if drop > 0:
-            keep = self.length - drop
+        if drop <= 0:
+            return 0
+        keep = self.length - drop
+        if keep > 0:
+            # one copy per tensor; clone because the ranges overlap
             self.k[:, :, :, :keep] = self.k[:, :, :, drop : self.length].clone()
             self.v[:, :, :, :keep] = self.v[:, :, :, drop : self.length].clone()
-            self.length = keep
+        self.length = max(keep, 0)
+        return drop
 
-    def select(self, rows: torch.Tensor) -> None:
-        """Keep only these batch rows (rows that stopped early cost nothing more)."""
-        self.k = self.k[:, rows]
-        self.v = self.v[:, rows]
+    def select(self, rows: torch.Tensor | list[int]) -> None:
+        """Keep only these batch rows, in this order (rows that stopped cost nothing more)."""
+        rows = torch.as_tensor(rows, dtype=torch.long, device=self.k.device)
+        self.k = self.k.index_select(1, rows)
+        self.v = self.v.index_select(1, rows)

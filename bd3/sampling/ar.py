@@ -1,45 +1,120 @@
-"""Token-by-token sampling for the causal (AR) model, with a KV cache."""
+"""Token-by-token sampling for the causal (AR) model, with a KV cache.
+
+The prompt goes through the model in one causal pass that also gives the first new token;
+then one call per token. Beyond the model length the cache slides (each token sees the last
+``length - 1`` ones). Rows stop (and leave the batch and the cache) per row, as in
+:mod:`bd3.sampling.block`.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Sequence
 
 import torch
 
-from bd3.sampling.block import SampleStats
-from bd3.sampling.rules import sample_categorical, token_probs
+from bd3.sampling.block import BlockEvent, Decoding, Sample, _as_prompt, low_entropy
+from bd3.sampling.denoiser import backend_for
+from bd3.sampling.threads import ThreadTuner, restore_threads
+from bd3.sampling.rng import RowRNG
+from bd3.sampling.rules import draw, subs_weights
 
 
-@torch.no_grad()
 def sample_ar(
     model,
     *,
-    batch: int,
+    batch: int | None = None,
     max_tokens: int,
     length: int,
     mask_id: int,
-    bos_id: int,
-    generator: torch.Generator,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
+    bos_id: int = 0,
+    eos_id: int | None = None,
+    prompt: Sequence[int] | torch.Tensor | None = None,
+    seed: int = 0,
+    samples: Sequence[int] | None = None,
+    rng: RowRNG | None = None,
+    decoding: Decoding | None = None,
+    engine: bool = True,
     report_every: int = 16,
-    on_block: Callable[[torch.Tensor], bool | None] | None = None,
-) -> tuple[torch.Tensor, SampleStats]:
-    """``max_tokens`` tokens per row (BOS included); the cache slides past ``length``."""
-    device = model.vocab_embed.embedding.device
-    cache = model.new_kv_cache(batch, length)
-    x = torch.full((batch, 1), bos_id, dtype=torch.long, device=device)
-    stats = SampleStats(tokens=batch)
-    for i in range(1, max_tokens):
-        cache.make_room(1)
-        logits = model(x[:, -1:], positions=torch.tensor([i - 1], device=device), kv_cache=cache)[:, -1]
-        cache.commit(1)
-        new = sample_categorical(token_probs(logits, mask_id, temperature, top_p), generator)
-        x = torch.cat([x, new[:, None]], dim=1)
-        stats.nfe += 1
-        stats.tokens += batch
-        if on_block is not None and (i + 1) % report_every == 0 and on_block(x):
+    on_block: Callable[[BlockEvent], None] | None = None,
+    threads: int | ThreadTuner | None = None,
+    **decoding_kw,
+) -> list[Sample]:
+    """``max_tokens`` tokens per row (BOS and prompt included); see ``sample_blocks``."""
+    decoding = decoding or Decoding(**decoding_kw)
+    samples = list(samples) if samples is not None else list(range(batch or (len(rng) if rng else 1)))
+    B = len(samples)
+    rng = rng or RowRNG.for_samples(seed, samples)
+    backend = backend_for(model, engine)
+    device = backend.device
+    p = _as_prompt(prompt, bos_id, device)
+    P = p.numel()
+    if P >= max_tokens:
+        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {P} tokens")
+    if P >= length:
+        raise ValueError(f"the prompt ({P} tokens with BOS) must be shorter than the model's context ({length})")
+    tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
+    with torch.inference_mode(), restore_threads():
+        return _run(backend, p, B, samples, rng, decoding, max_tokens=max_tokens, length=length, mask_id=mask_id,
+                    eos_id=eos_id, report_every=report_every, on_block=on_block, tuner=tuner)
+
+
+def _run(backend, prompt, B, samples, rng, dec: Decoding, *, max_tokens, length, mask_id, eos_id, report_every, on_block, tuner):
+    t0 = time.perf_counter()
+    device = backend.device
+    P, N = prompt.numel(), max_tokens
+    seq = torch.full((B, N), mask_id, dtype=torch.long, device=device)
+    seq[:, :P] = prompt
+    index = list(samples)
+    cache = backend.new_cache(B, length)
+    mask = torch.ones(P, P, dtype=torch.bool, device=device).tril_() if P > 1 else None
+    last = torch.full((B, 1), P - 1, dtype=torch.long, device=device)
+    with tuner.call():
+        h = backend.hidden(seq[:, :P], 0, cache=cache, mask=mask, query=last)
+    cache.commit(P)
+    done: dict[int, Sample] = {}
+    reported = P  # tokens reported to on_block so far
+    u = None
+    use_eos = dec.eos and eos_id is not None
+    for n in range(P, N):
+        j = (n - P) % report_every
+        if j == 0:
+            u = rng.uniform(report_every).to(device)
+        with tuner.call():
+            logits = backend.logits(h[:, 0])
+        w = subs_weights(logits, mask_id, dec.temperature)
+        rows = list(range(len(index)))
+        tok = draw(w, u[:, j], dec.top_p, lambda idx: rng.uniform_each([rows[i] for i in idx.tolist()]))
+        seq[:, n] = tok
+        stop = ["length" if n + 1 >= N else ""] * len(index)
+        if use_eos:
+            for r in (tok == eos_id).nonzero()[:, 0].tolist():
+                stop[r] = "eos"
+        report = j == report_every - 1 or any(stop)
+        if dec.entropy and report:
+            for r in range(len(index)):
+                if not stop[r] and low_entropy(seq[r], n + 1):
+                    stop[r] = "entropy"
+        finished = []
+        for r, why in enumerate(stop):
+            if why:
+                smp = Sample(index[r], seq[r, : n + 1].tolist(), P, n + 1 - P, why, time.perf_counter() - t0)
+                done[index[r]] = smp
+                finished.append(smp)
+        if on_block is not None and (report or finished):
+            on_block(BlockEvent(list(index), seq[:, reported : n + 1].tolist(), finished))
+            reported = n + 1
+        if len(finished) == len(index):
             break
-    if on_block is not None and x.shape[1] % report_every:
-        on_block(x)
-    return x, stats
+        if finished:
+            keep = [r for r in range(len(index)) if not stop[r]]
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            seq, tok, u = seq[keep_t], tok[keep_t], u[keep_t]
+            index = [index[r] for r in keep]
+            rng.select(keep)
+            cache.select(keep_t)
+        cache.make_room(1)
+        with tuner.call():
+            h = backend.hidden(tok[:, None], n, cache=cache)
+        cache.commit(1)
+    return [done[i] for i in samples]

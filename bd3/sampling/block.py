@@ -1,31 +1,316 @@
 """The block sampler: blocks left to right, masked diffusion inside each block.
 
-Batched: every per-row rule works per row. With the first-hitting rule each model call
-unmasks exactly one uniformly chosen masked position per row, and the output layer runs
-only at those positions. A finished (clean) block is written into the KV cache by one
-extra pass. Beyond the model length a sliding window keeps the last ``length - block_size``
-tokens (cached K/V keep the context they were computed with; see design.md).
+Batched, and every rule works per row: each row (sample) has its own random numbers
+(:mod:`bd3.sampling.rng`), its own unmasking order, its own stop, and leaves the batch (and
+the KV cache) when it stops. Update rules inside a block:
+
+- ``first-hitting``: each model call unmasks exactly one masked position per row, chosen
+  uniformly (a random order per row and block); the output layer runs only there.
+- ``ddpm``: T steps on the grid t_i = 1 - i/T, s = t_i - 1/T; a masked position unmasks at
+  step i with probability 1 - s/t_i, so the last step finishes the block. Under the linear
+  schedule that makes each position's unmasking step uniform on 0..T-1, which is how it is
+  drawn; a model call happens only at steps where some row unmasks something (the reuse of
+  cached probabilities when nothing changed, without the wasted call), and only for those
+  rows' unmasking positions.
+- ``threshold``: confidence decoding; each call unmasks every masked position whose most
+  likely token has probability above P (at least the most confident one per row), with
+  tokens drawn from their (nucleus) distributions.
+
+Stops, per row: ``eos`` ends a row at its first generated end-of-text token (positions after
+it in the block are no longer denoised); ``entropy`` ends a row whose last 256 tokens have a
+unigram entropy below 4 nats (the paper's rule, checked after each block); ``both``;
+``none``. The first ``prompt`` tokens (BOS included) are given: whole prompt blocks are
+written into the KV cache, the rest pre-fills the first block to denoise.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import torch
 
 from bd3.diffusion.masks import block_causal_mask
-from bd3.sampling.rules import sample_categorical, token_probs
+from bd3.sampling.denoiser import FunctionDenoiser, ModelDenoiser
+from bd3.sampling.threads import ThreadTuner, restore_threads
+from bd3.sampling.rng import RowRNG
+from bd3.sampling.rules import confidence, draw, subs_weights
+
+RULES = ("first-hitting", "ddpm", "threshold")
+STOPS = ("none", "eos", "entropy", "both")
+ENTROPY_WINDOW = 256  # tokens (the reference's)
+ENTROPY_MIN = 4.0  # nats
 
 
 @dataclass
-class SampleStats:
-    nfe: int = 0  # denoiser calls (the cache-writing pass is not counted)
-    tokens: int = 0
+class Sample:
+    """One finished sample: all its tokens (BOS and prompt included)."""
+
+    index: int  # the sample's number in the run (its random numbers come from it)
+    tokens: list[int]
+    prompt_tokens: int  # BOS + prompt
+    nfe: int = 0  # model calls that computed something for this sample
+    stop: str = "length"  # length | eos | entropy
+    seconds: float = 0.0  # from the start of its batch to its end
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.tokens) - self.prompt_tokens
+
+
+@dataclass
+class BlockEvent:
+    """What ``on_block`` receives after each block (or every few AR tokens)."""
+
+    samples: list[int]  # sample index of each row that took part
+    new_tokens: list[list[int]]  # the tokens each of them added (up to its end)
+    finished: list[Sample] = field(default_factory=list)
+
+
+@dataclass
+class Decoding:
+    """How tokens are chosen; shared by every sampler."""
+
+    rule: str = "first-hitting"
+    steps: int | None = None  # ddpm steps per block (default: the block's size)
+    threshold: float = 0.9  # confidence decoding's P
+    top_p: float = 0.9
+    temperature: float = 1.0
+    stop: str = "none"
+
+    def __post_init__(self) -> None:
+        if self.rule not in RULES:
+            raise ValueError(f"unknown update rule {self.rule!r}; choose one of {', '.join(RULES)}")
+        if self.stop not in STOPS:
+            raise ValueError(f"unknown stop rule {self.stop!r}; choose one of {', '.join(STOPS)}")
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"steps must be positive, got {self.steps}")
+
+    @property
+    def eos(self) -> bool:
+        return self.stop in ("eos", "both")
+
+    @property
+    def entropy(self) -> bool:
+        return self.stop in ("entropy", "both")
+
+
+def unigram_entropy(tokens: torch.Tensor) -> float:
+    """Entropy (nats) of the token histogram of a 1-D tensor."""
+    counts = torch.unique(tokens, return_counts=True)[1].double()
+    p = counts / counts.sum()
+    return float(-(p * p.log()).sum())
+
+
+def low_entropy(tokens: torch.Tensor, end: int) -> bool:
+    """The paper's rule on one row's tokens ``tokens[:end]``: more than 256 of them and the
+    last 256 have an entropy below 4 nats."""
+    return end > ENTROPY_WINDOW and unigram_entropy(tokens[end - ENTROPY_WINDOW : end]) < ENTROPY_MIN
+
+
+def _as_prompt(prompt, bos_id: int, device) -> torch.Tensor:
+    if prompt is None:
+        prompt = [bos_id]
+    return torch.as_tensor(list(prompt) if not isinstance(prompt, torch.Tensor) else prompt, dtype=torch.long, device=device)
+
+
+def sample_blocks(
+    model,
+    *,
+    batch: int | None = None,
+    max_tokens: int,
+    block_size: int,
+    length: int,
+    mask_id: int,
+    bos_id: int = 0,
+    eos_id: int | None = None,
+    prompt: Sequence[int] | torch.Tensor | None = None,
+    seed: int = 0,
+    samples: Sequence[int] | None = None,
+    rng: RowRNG | None = None,
+    decoding: Decoding | None = None,
+    kv_cache: bool = True,
+    engine: bool = True,
+    mdlm: bool = False,
+    on_block: Callable[[BlockEvent], None] | None = None,
+    device: torch.device | str | None = None,
+    threads: int | ThreadTuner | None = None,
+    **decoding_kw,
+) -> list[Sample]:
+    """Generate ``batch`` samples of ``max_tokens`` tokens each (BOS and prompt included,
+    fewer for rows that stop), block by block.
+
+    ``model``: a DiT (run through the inference :class:`~bd3.sampling.engine.Engine`, or
+    ``DiT.hidden_states`` with ``engine=False``), or any denoiser callable (see
+    :mod:`bd3.sampling.denoiser`). ``mdlm``: block size = ``length`` with full attention,
+    and beyond it a window of ``length`` sliding by ``block_size`` (MDLM's semi-autoregressive
+    stride; ``block_size`` is then the stride). Randomness: sample ``samples[i]`` (default i)
+    draws from a generator seeded by ``(seed, samples[i])`` unless ``rng`` is given.
+    ``on_block`` gets a :class:`BlockEvent` after every block. Extra keywords are
+    :class:`Decoding` fields. ``threads``: CPU threads, or None to let a
+    :class:`~bd3.sampling.threads.ThreadTuner` choose by timing the calls.
+    """
+    decoding = decoding or Decoding(**decoding_kw)
+    if samples is None:
+        samples = list(range(batch if batch is not None else (len(rng) if rng is not None else 1)))
+    samples = list(samples)
+    B = len(samples)
+    rng = rng or RowRNG.for_samples(seed, samples)
+    if isinstance(model, torch.nn.Module) or hasattr(model, "hidden"):
+        device = device or (model.vocab_embed.embedding.device if hasattr(model, "vocab_embed") else model.device)
+        if mdlm:
+            den = ModelDenoiser(model, B, block_size=block_size, context=length - block_size, kv_cache=False,
+                                attention="full", engine=engine)
+        else:
+            den = ModelDenoiser(model, B, block_size=block_size, context=length - block_size, kv_cache=kv_cache, engine=engine)
+    else:
+        den = model if hasattr(model, "commit") else FunctionDenoiser(model)
+        device = device or "cpu"
+    p = _as_prompt(prompt, bos_id, device)
+    P = p.numel()
+    if P >= max_tokens:
+        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {P} tokens")
+    if P >= length:
+        raise ValueError(f"the prompt ({P} tokens with BOS) must be shorter than the model's context ({length})")
+    if mdlm:
+        spans = [(0, length)] + [(s, s + block_size) for s in range(length, max_tokens, block_size)]
+    else:
+        spans = [(s, s + block_size) for s in range(0, max_tokens, block_size)]
+    if isinstance(den, ModelDenoiser):
+        den.tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
+    with torch.inference_mode(), restore_threads():
+        return _run(den, spans, p, B, samples, rng, decoding, max_tokens=max_tokens, mask_id=mask_id,
+                    eos_id=eos_id, on_block=on_block, device=device)
+
+
+def _run(den, spans, prompt, B, samples, rng, dec: Decoding, *, max_tokens, mask_id, eos_id, on_block, device) -> list[Sample]:
+    t0 = time.perf_counter()
+    P, N = prompt.numel(), max_tokens
+    width = spans[-1][1]
+    seq = torch.full((B, width), mask_id, dtype=torch.long, device=device)
+    seq[:, :P] = prompt
+    index = list(samples)
+    nfe = torch.zeros(B, dtype=torch.long)
+    done: dict[int, Sample] = {}
+    use_eos = dec.eos and eos_id is not None
+    for bi, (s, e) in enumerate(spans):
+        if e <= P:  # a whole prompt block: into the cache (folded into the next call)
+            den.commit(seq[:, s:e], s)
+            continue
+        lo, hi = max(P, s) - s, min(e, N) - s  # positions to generate, within the block
+        blk = seq[:, s:e].clone()
+        todo = torch.zeros(blk.shape, dtype=torch.bool, device=device)
+        todo[:, lo:hi] = True
+        _denoise(den, blk, s, todo, rng, nfe, dec, mask_id=mask_id, eos_id=eos_id if use_eos else None)
+        seq[:, s:e] = blk
+        # where each row ends
+        end = torch.full((blk.shape[0],), s + hi, dtype=torch.long)
+        stop = ["length" if s + hi >= N else ""] * blk.shape[0]
+        if use_eos:
+            hit = (blk[:, lo:hi] == eos_id).cpu()
+            rows = hit.any(1).nonzero()[:, 0].tolist()
+            for r in rows:
+                end[r] = s + lo + int(hit[r].int().argmax()) + 1
+                stop[r] = "eos"
+        if dec.entropy:
+            for r in range(blk.shape[0]):
+                if stop[r] != "eos" and low_entropy(seq[r], int(end[r])):
+                    stop[r] = "entropy"
+        now = time.perf_counter() - t0
+        finished = []
+        for r in range(blk.shape[0]):
+            if stop[r]:
+                smp = Sample(index[r], seq[r, : int(end[r])].tolist(), P, int(nfe[r]), stop[r], now)
+                done[index[r]] = smp
+                finished.append(smp)
+        if on_block is not None:
+            new = blk[:, lo:hi].tolist()
+            new = [row[: int(end[r]) - s - lo] for r, row in enumerate(new)]
+            on_block(BlockEvent(list(index), new, finished))
+        if len(finished) == len(index):
+            break
+        if finished:
+            keep = [r for r in range(len(index)) if not stop[r]]
+            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
+            seq, blk, nfe = seq[keep_t], blk[keep_t], nfe[keep]
+            index = [index[r] for r in keep]
+            rng.select(keep)
+            den.select(keep_t)
+        if bi + 1 < len(spans):
+            den.commit(blk, s)
+    return [done[i] for i in samples]
+
+
+def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id, eos_id) -> None:
+    """Unmask the ``todo`` positions of ``blk`` (B, W) in place by ``dec.rule``."""
+    B, W = blk.shape
+    device = blk.device
+    draws = rng.uniform(2 * W).to(device)  # per row: W for the order / steps, W for the tokens
+    order, tok_u = draws[:, :W], draws[:, W:]
+    arange = torch.arange(W, device=device)
+
+    def call(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits = den(blk, start, rows, pos)
+        nfe[torch.unique(rows).cpu()] += 1
+        return subs_weights(logits, mask_id, dec.temperature)
+
+    def sample(w: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:
+        rows_list = rows.tolist()
+        tok = draw(w, tok_u[rows, pos], dec.top_p, lambda idx: rng.uniform_each([rows_list[i] for i in idx.tolist()]))
+        blk[rows, pos] = tok
+        todo[rows, pos] = False
+        if eos_id is not None:
+            hit = tok == eos_id
+            if hit.any():
+                # a row ends at its first end-of-text token: what follows it is not needed
+                cut = torch.full((B,), W, dtype=torch.long, device=device)
+                cut.scatter_reduce_(0, rows[hit], pos[hit], "amin")
+                todo.logical_and_(arange[None, :] <= cut[:, None])
+
+    if dec.rule == "first-hitting":
+        while True:
+            active = todo.any(1)
+            if not active.any():
+                return
+            rows = active.nonzero()[:, 0]
+            pos = torch.where(todo, order, 2.0).argmin(1)[rows]  # the next position of each row's random order
+            sample(call(rows, pos), rows, pos)
+    elif dec.rule == "ddpm":
+        T = dec.steps or W
+        step = (order * T).long().clamp_max_(T - 1)  # each position's unmasking step, uniform on 0..T-1
+        for i in torch.unique(step[todo]).tolist():
+            ev = todo & (step == i)
+            if not ev.any():
+                continue
+            rows, pos = ev.nonzero(as_tuple=True)
+            sample(call(rows, pos), rows, pos)
+    else:  # threshold
+        while True:
+            rows, pos = todo.nonzero(as_tuple=True)
+            if rows.numel() == 0:
+                return
+            w = call(rows, pos)
+            conf = confidence(w)
+            pick = conf > dec.threshold
+            picked = torch.zeros(B, dtype=torch.long, device=device).index_add_(0, rows, pick.long())
+            # a row with no confident position unmasks its most confident one (the first of ties)
+            best = torch.full((B,), -1.0, dtype=conf.dtype, device=device).scatter_reduce_(0, rows, conf, "amax")
+            N = rows.numel()
+            entry = torch.where(conf == best[rows], torch.arange(N, device=device), N)
+            first = torch.full((B,), N, dtype=torch.long, device=device).scatter_reduce_(0, rows, entry, "amin")
+            first = first[(picked == 0) & (first < N)]
+            pick[first] = True
+            sample(w[pick], rows[pick], pos[pick])
+
+
+# -- the primitives the reference-parity tests use ------------------------------------
 
 
 def denoise_block(model, block: torch.Tensor, start: int, *, cache=None, context: torch.Tensor | None = None):
-    """Hidden states (B, L', D) of a noisy block starting at token ``start``.
+    """Hidden states (B, L', D) of a noisy block starting at token ``start``, through
+    ``DiT.hidden_states``.
 
     With a KV cache the block attends to the cached clean tokens and to itself; without one
     the clean ``context`` and the block are recomputed under the block-causal mask.
@@ -41,63 +326,15 @@ def denoise_block(model, block: torch.Tensor, start: int, *, cache=None, context
 
 def commit_block(model, cache, block: torch.Tensor, start: int) -> None:
     """One pass over a finished, clean block writes its K/V into the cache."""
+    cache.make_room(block.shape[1])
     denoise_block(model, block, start, cache=cache)
     cache.commit(block.shape[1])
 
 
-@torch.no_grad()
-def sample_blocks(
-    model,
-    *,
-    batch: int,
-    max_tokens: int,
-    block_size: int,
-    length: int,
-    mask_id: int,
-    bos_id: int,
-    generator: torch.Generator,
-    top_p: float = 0.9,
-    temperature: float = 1.0,
-    kv_cache: bool = True,
-    on_block: Callable[[torch.Tensor], bool | None] | None = None,
-) -> tuple[torch.Tensor, SampleStats]:
-    """Generate ``max_tokens`` tokens per row (BOS included), rounded up to whole blocks.
-
-    ``on_block(x)`` is called with all tokens so far (B, n) after each finished block; it
-    may return True to stop. Returns the tokens (B, n) and call statistics.
-    """
-    device = model.vocab_embed.embedding.device
-    n_blocks = -(-max_tokens // block_size)
-    window = length - block_size  # clean tokens kept as context
-    cache = model.new_kv_cache(batch, length) if kv_cache else None
-    x = torch.empty(batch, 0, dtype=torch.long, device=device)
-    stats = SampleStats()
-    rows = torch.arange(batch, device=device)
-    for b in range(n_blocks):
-        start = b * block_size
-        block = torch.full((batch, block_size), mask_id, dtype=torch.long, device=device)
-        if b == 0:
-            block[:, 0] = bos_id
-        if cache is not None:
-            cache.make_room(block_size)
-        while True:
-            masked = block == mask_id
-            if not masked.any():
-                break
-            # one uniformly chosen masked position per row that still has one
-            active = masked.any(-1)
-            choice = torch.rand(batch, block_size, generator=generator, device=device).masked_fill(~masked, -1.0).argmax(-1)
-            context = None if cache is not None else (x[:, -window:] if window > 0 else x[:, :0])
-            h, c = denoise_block(model, block, start, cache=cache, context=context)
-            logits = model.logits(h[rows, choice], c)  # (B, V): the output layer at one position per row
-            probs = token_probs(logits, mask_id, temperature, top_p)
-            new = sample_categorical(probs, generator)
-            block[rows[active], choice[active]] = new[active]
-            stats.nfe += 1
-        if cache is not None:
-            commit_block(model, cache, block, start)
-        x = torch.cat([x, block], dim=1)
-        stats.tokens += batch * block_size
-        if on_block is not None and on_block(x):
-            break
-    return x, stats
+def expected_calls(rule: str, block: int, steps: int | None = None) -> float:
+    """Expected model calls to denoise one block of ``block`` masked positions at batch 1:
+    ``block`` for first-hitting, the expected number of distinct steps for ddpm."""
+    if rule == "ddpm":
+        T = steps or block
+        return T * (1 - (1 - 1 / T) ** block)
+    return float(block) if rule == "first-hitting" else math.nan

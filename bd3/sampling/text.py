@@ -1,11 +1,21 @@
-"""Turning sampled token ids into text, all at once or streamed block by block."""
+"""Turning sampled token ids into text: all at once, streamed block by block, or as JSONL.
+
+:class:`SampleWriter` takes the samplers' :class:`~bd3.sampling.block.BlockEvent` s and
+writes samples in order: with ``text`` the lowest-numbered sample not yet written streams
+as its blocks finish (the others of its batch are held until their turn), with ``jsonl``
+one object per sample when it is done.
+"""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Sequence
 from typing import TextIO
 
+SEPARATOR = "\n" + "=" * 80 + "\n\n"
 
-def render(ids: list[int], tokenizer) -> str:
+
+def render(ids: Sequence[int], tokenizer) -> str:
     """Decode a sample: the leading BOS dropped, each end-of-text token shown as a blank line."""
     if ids and ids[0] == tokenizer.bos_id:
         ids = ids[1:]
@@ -21,19 +31,99 @@ def render(ids: list[int], tokenizer) -> str:
 
 
 class TextStream:
-    """Writes the new text of row 0 after each block; holds back a trailing partial character."""
+    """The text of one sample, written as tokens arrive (:meth:`feed`); the decoder only
+    sees the segment since the last end-of-text token, and a trailing partial character is
+    held back until it completes."""
 
-    def __init__(self, tokenizer, out: TextIO) -> None:
-        self.tokenizer, self.out, self.written = tokenizer, out, ""
+    def __init__(self, tokenizer, out: TextIO, ids: Sequence[int] = ()) -> None:
+        self.tokenizer, self.out = tokenizer, out
+        self.prefix = ""  # text of the finished segments, with their separators
+        self.segment: list[int] = []
+        self.written = ""
+        self.started = False  # a leading BOS is dropped once
+        self.feed(ids, write=False)
 
-    def update(self, x) -> bool:
-        text = render(x[0].tolist(), self.tokenizer).rstrip("\ufffd")
-        if text.startswith(self.written):
-            self.out.write(text[len(self.written):])
+    def feed(self, ids: Sequence[int], write: bool = True) -> None:
+        tok = self.tokenizer
+        for i in ids:
+            if not self.started:
+                self.started = True
+                if i == tok.bos_id:
+                    continue
+            if i == tok.eos_id:
+                self.prefix += tok.decode(self.segment).strip() + "\n\n"
+                self.segment = []
+            else:
+                self.segment.append(i)
+        if write:
+            self.flush()
+
+    def text(self) -> str:
+        return self.prefix + self.tokenizer.decode(self.segment).strip()
+
+    def flush(self) -> None:
+        text = self.text().rstrip("\ufffd")
+        if text.startswith(self.written) and len(text) > len(self.written):
+            self.out.write(text[len(self.written) :])
             self.out.flush()
             self.written = text
-        return False
 
     def finish(self) -> None:
+        text = self.text()
+        if text.startswith(self.written):
+            self.out.write(text[len(self.written) :])
         self.out.write("\n")
         self.out.flush()
+
+
+class SampleWriter:
+    """Writes ``num_samples`` samples (numbered from 0) to ``out`` as ``text`` or ``jsonl``."""
+
+    def __init__(self, tokenizer, out: TextIO, fmt: str, num_samples: int, prompt: Sequence[int] = ()) -> None:
+        self.tokenizer, self.out, self.fmt, self.num_samples = tokenizer, out, fmt, num_samples
+        self.prompt = list(prompt)
+        self.next = 0  # the sample written (or streaming) next
+        self.streams: dict[int, TextStream] = {}
+        self.finished: dict[int, object] = {}
+
+    def on_block(self, event) -> None:
+        if self.fmt == "text":
+            for i, new in zip(event.samples, event.new_tokens):
+                stream = self._stream(i)
+                stream.feed(new, write=i == self.next)
+        for smp in event.finished:
+            self.finished[smp.index] = smp
+        self._advance()
+
+    def _stream(self, i: int) -> TextStream:
+        if i not in self.streams:
+            self.streams[i] = TextStream(self.tokenizer, self.out, self.prompt)
+        return self.streams[i]
+
+    def _advance(self) -> None:
+        while self.next in self.finished:
+            smp = self.finished.pop(self.next)
+            if self.fmt == "jsonl":
+                obj = {
+                    "sample": smp.index,
+                    "text": render(smp.tokens, self.tokenizer),
+                    "tokens": smp.tokens,
+                    "prompt_tokens": smp.prompt_tokens,
+                    "new_tokens": smp.new_tokens,
+                    "nfe": smp.nfe,
+                    "seconds": round(smp.seconds, 4),
+                    "stop": smp.stop,
+                }
+                self.out.write(json.dumps(obj) + "\n")
+                self.out.flush()
+            else:
+                stream = self.streams.pop(self.next, None)
+                if stream is None:  # a sample that never reported a block
+                    stream = TextStream(self.tokenizer, self.out, smp.tokens)
+                stream.finish()
+                if self.next + 1 < self.num_samples:
+                    self.out.write(SEPARATOR)
+                    self.out.flush()
+            self.next += 1
+            if self.fmt == "text" and self.next in self.streams:
+                self.streams[self.next].flush()  # what the next sample already has

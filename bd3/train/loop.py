@@ -8,7 +8,6 @@ run with exactly the losses it would have had without the interruption (same dev
 from __future__ import annotations
 
 import contextlib
-import shutil
 import signal
 import time
 from dataclasses import replace
@@ -24,7 +23,9 @@ from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
 from bd3.diffusion.objective import diffusion_loss
 from bd3.errors import Bd3Error, Stopped
+from bd3.diffusion.clip_search import clip_grid
 from bd3.evaluate.perplexity import nelbo_perplexity
+from bd3.evaluate.variance import nelbo_variance
 from bd3.model import DiT
 from bd3.runs import Run, load_strict, load_tensors
 from bd3.runtime import autocast, resolve_device, resolve_precision
@@ -275,19 +276,46 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
 
 
 def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
-    """Save, score the EMA weights on validation data, keep best.json and the newest N."""
+    """Save; score the EMA weights on validation data (and run the clip search if asked);
+    keep best.json and the newest N checkpoints."""
     path = trainer.save(run)
-    tcfg = trainer.cfg.train
+    cfg, tcfg = trainer.cfg, trainer.cfg.train
+    valid = shards.rows("valid")
     with trainer.ema_weights() as model:
         result = nelbo_perplexity(
-            model, shards.rows("valid"), trainer.cfg.diffusion, trainer.cfg.data.mask_id, batch_size=tcfg.batch_size,
+            model, valid, cfg.diffusion, cfg.data.mask_id, batch_size=tcfg.batch_size,
             max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
         )
+        if cfg.diffusion.clip_search:
+            _clip_search(trainer, run, model, valid)
     run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
     run.record_best(path, trainer.step, result["nelbo"])
     if tcfg.keep_last:
         run.prune(tcfg.keep_last)
     trainer.last_validation = result
+
+
+def _clip_search(trainer: Trainer, run: Run, model, valid: np.ndarray) -> None:
+    """Score the paper's grid by NELBO variance; train with the minimiser unless fix_clip.
+    The interval in use is always the one in the run's config.json."""
+    cfg, tcfg = trainer.cfg, trainer.cfg.train
+    d = cfg.diffusion
+    if len(valid) < 2 * tcfg.batch_size:
+        raise Bd3Error(f"--clip-search needs at least two validation batches of {tcfg.batch_size}; the split has {len(valid)} rows.")
+    scores = nelbo_variance(
+        model, valid, d, cfg.data.mask_id, clip_grid(), batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches,
+        seed=tcfg.seed, device=trainer.device, precision=trainer.precision,
+    )
+    best = min(scores, key=lambda r: r[f"var_{d.variance}"])
+    chosen = (best["beta"], best["omega"])
+    run.log({
+        "step": trainer.step, "event": "clip_search", "variance": d.variance, "clip": list(d.clip), "best": list(chosen),
+        "applied": not d.fix_clip,
+        "scores": [{k: r[k] for k in ("beta", "omega", "nelbo", "var_paper", "var_block")} for r in scores],
+    })
+    if not d.fix_clip and chosen != tuple(d.clip):
+        trainer.cfg = run.config = replace(cfg, diffusion=replace(d, clip=chosen))
+        run.write_config()
 
 
 def _summarise(trainer: Trainer, run: Run, shards: TokenShards, console: Console, elapsed: float) -> dict:

@@ -1,0 +1,58 @@
+"""One entry point for a run's samples: routes by algorithm and batches the samples.
+
+- ``bd3lm``: the block sampler at the run's (or a given) block size, KV-cached.
+- ``mdlm``: block size = length with full attention; beyond the length a window of
+  ``length`` tokens slides by half of it (MDLM's semi-autoregressive stride).
+- ``ar``: token by token with a KV cache.
+
+Sample ``i`` draws its random numbers from ``(seed, i)`` whatever the batch size, so the
+same seed gives the same samples with any ``batch_size``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from bd3.sampling.ar import sample_ar
+from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
+from bd3.sampling.denoiser import backend_for
+from bd3.sampling.threads import ThreadTuner
+
+
+def generate(
+    model,
+    config,
+    *,
+    num_samples: int = 1,
+    batch_size: int | None = None,
+    max_tokens: int,
+    prompt: Sequence[int] | None = None,
+    block_size: int | None = None,
+    decoding: Decoding | None = None,
+    kv_cache: bool = True,
+    seed: int = 0,
+    engine: bool = True,
+    threads: int | None = None,
+    on_block: Callable[[BlockEvent], None] | None = None,
+) -> list[Sample]:
+    """``num_samples`` samples from ``model`` (a DiT) of a run with ``config`` (RunConfig)."""
+    decoding = decoding or Decoding()
+    algo, L = config.diffusion.algo, config.model.length
+    data = config.data
+    backend = backend_for(model, engine)  # built once, shared by the batches
+    threads = ThreadTuner(threads, backend.device)  # so is what it learnt about threads
+    batch_size = min(batch_size or num_samples, num_samples)
+    prompt = list(prompt) if prompt is not None else [data.bos_id]
+    common = dict(max_tokens=max_tokens, length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id,
+                  prompt=prompt, seed=seed, decoding=decoding, on_block=on_block, threads=threads)
+    out: list[Sample] = []
+    for first in range(0, num_samples, batch_size):
+        samples = list(range(first, min(first + batch_size, num_samples)))
+        if algo == "ar":
+            out += sample_ar(backend, samples=samples, **common)
+        elif algo == "mdlm":
+            out += sample_blocks(backend, samples=samples, block_size=max(L // 2, 1), mdlm=True, **common)
+        else:
+            out += sample_blocks(backend, samples=samples, block_size=block_size or config.diffusion.block_size,
+                                 kv_cache=kv_cache, **common)
+    return out
