@@ -43,10 +43,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bd3.config import ModelConfig, model_config  # noqa: E402
-from bd3.model import DiT  # noqa: E402
-from bd3.sampling.block import sample_blocks  # noqa: E402
-from bd3.sampling.engine import Engine  # noqa: E402
+from bd3.config import ModelConfig, model_config
+from bd3.model import DiT
+from bd3.sampling.block import sample_blocks
+from bd3.sampling.engine import Engine
 
 MODELS = {
     "nano": (lambda: model_config("nano", 128), 8192),

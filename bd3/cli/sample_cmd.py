@@ -114,6 +114,8 @@ def sample(
         f"{calls / max(new, 1):.2f} model calls per token ({how}; stops: "
         + ", ".join(f"{k} {v}" for k, v in sorted(stops.items())) + ")",
         highlight=False,
+        markup=False,
+        soft_wrap=True,  # one line, whatever the terminal's width
     )
 
 

@@ -15,9 +15,9 @@ import torch
 
 from bd3.sampling.block import BlockEvent, Decoding, Sample, _as_prompt, low_entropy
 from bd3.sampling.denoiser import backend_for
-from bd3.sampling.threads import ThreadTuner, restore_threads
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import draw, subs_weights
+from bd3.sampling.threads import ThreadTuner, restore_threads
 
 
 def sample_ar(
@@ -83,8 +83,7 @@ def _run(backend, prompt, B, samples, rng, dec: Decoding, *, max_tokens, length,
         with tuner.call():
             logits = backend.logits(h[:, 0])
         w = subs_weights(logits, mask_id, dec.temperature)
-        rows = list(range(len(index)))
-        tok = draw(w, u[:, j], dec.top_p, lambda idx: rng.uniform_each([rows[i] for i in idx.tolist()]))
+        tok = draw(w, u[:, j], dec.top_p, lambda idx: rng.uniform_each(idx.tolist()))
         seq[:, n] = tok
         stop = ["length" if n + 1 >= N else ""] * len(index)
         if use_eos:

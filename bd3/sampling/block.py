@@ -34,9 +34,9 @@ import torch
 
 from bd3.diffusion.masks import block_causal_mask
 from bd3.sampling.denoiser import FunctionDenoiser, ModelDenoiser
-from bd3.sampling.threads import ThreadTuner, restore_threads
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import confidence, draw, subs_weights
+from bd3.sampling.threads import ThreadTuner, restore_threads
 
 RULES = ("first-hitting", "ddpm", "threshold")
 STOPS = ("none", "eos", "entropy", "both")

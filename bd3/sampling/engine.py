@@ -27,7 +27,7 @@ from bd3.model.kv_cache import KVCache
 
 
 class _Layer:
-    __slots__ = ("qkv_wt", "qkv_b", "out_wt", "fc1_wt", "fc1_b", "fc2_wt", "fc2_b")
+    __slots__ = ("fc1_b", "fc1_wt", "fc2_b", "fc2_wt", "out_wt", "qkv_b", "qkv_wt")
 
 
 def _fold_norm(weight: torch.Tensor, bias: torch.Tensor | None, linear_w: torch.Tensor, linear_b: torch.Tensor | None):
@@ -68,6 +68,7 @@ class Engine:
                 shift, scale = out.adaLN_modulation(c)[0].chunk(2, dim=-1)
                 w = w * (1 + scale)
             self.head_wt, self.head_b = _fold_norm(w, shift, out.linear.weight, out.linear.bias)
+            self._head_w = None  # (V, D), built when first needed
             self.inv_freq = model.rotary_emb.inv_freq.detach().double()
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
@@ -135,6 +136,8 @@ class Engine:
         x = F.embedding(tokens, self.embedding)
         cos, sin = self._rotary(start, S)
         cos, sin = cos[None, :, None, None, :], sin[None, :, None, None, :]
+        if causal and cache is None and mask is None and query is not None:
+            mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()  # queries subset: explicit
         if mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         is_causal = causal and cache is None and mask is None
@@ -167,4 +170,8 @@ class Engine:
         """The output layer on any (..., D) selection of hidden states."""
         shape = h.shape[:-1]
         h = F.layer_norm(h.reshape(-1, self.D), (self.D,))
+        if 2 <= h.shape[0] <= 12:  # a few rows: W @ h^T is 1.3-2x faster than h @ W^T here
+            if self._head_w is None:
+                self._head_w = self.head_wt.t().contiguous()
+            return torch.addmm(self.head_b[:, None], self._head_w, h.t()).t().reshape(*shape, -1)
         return torch.addmm(self.head_b, h, self.head_wt).view(*shape, -1)

@@ -32,8 +32,8 @@ def render(ids: Sequence[int], tokenizer) -> str:
 
 class TextStream:
     """The text of one sample, written as tokens arrive (:meth:`feed`); the decoder only
-    sees the segment since the last end-of-text token, and a trailing partial character is
-    held back until it completes."""
+    sees the segment since the last end-of-text token, and a trailing partial character
+    (or whitespace) is held back until what follows it arrives."""
 
     def __init__(self, tokenizer, out: TextIO, ids: Sequence[int] = ()) -> None:
         self.tokenizer, self.out = tokenizer, out
@@ -62,14 +62,15 @@ class TextStream:
         return self.prefix + self.tokenizer.decode(self.segment).strip()
 
     def flush(self) -> None:
-        text = self.text().rstrip("\ufffd")
+        # trailing whitespace waits for what follows it (a sample's end shows none)
+        text = self.text().rstrip("\ufffd").rstrip()
         if text.startswith(self.written) and len(text) > len(self.written):
             self.out.write(text[len(self.written) :])
             self.out.flush()
             self.written = text
 
     def finish(self) -> None:
-        text = self.text()
+        text = self.text().rstrip()
         if text.startswith(self.written):
             self.out.write(text[len(self.written) :])
         self.out.write("\n")
@@ -106,7 +107,7 @@ class SampleWriter:
             if self.fmt == "jsonl":
                 obj = {
                     "sample": smp.index,
-                    "text": render(smp.tokens, self.tokenizer),
+                    "text": render(smp.tokens, self.tokenizer).rstrip(),
                     "tokens": smp.tokens,
                     "prompt_tokens": smp.prompt_tokens,
                     "new_tokens": smp.new_tokens,
