@@ -16,7 +16,7 @@ from typing import Any
 from bd3 import __version__
 from bd3.errors import Bd3Error
 
-ALGOS = ("bd3lm", "mdlm", "ar")
+ALGOS = ("bd3lm", "mdlm", "ar", "sedd")
 VARIANCES = ("paper", "block")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -69,7 +69,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 class DiffusionConfig:
     """The training objective: algorithm, block size, noise schedule and clip interval."""
 
-    algo: str = "bd3lm"  # bd3lm | mdlm (block size = length) | ar (causal, next token)
+    algo: str = "bd3lm"  # bd3lm | mdlm (block size = length) | ar (causal, next token) | sedd (score entropy)
     block_size: int = 16  # tokens per block L'; must divide the length
     schedule: str = "linear"  # noise schedule spec, e.g. "cosine" or "gaussian:mu=0.5:sigma=0.2"
     weighting: str = "elbo"  # training loss reweighting: elbo, edm, iddpm, sigmoid:k=K, fm, simple
@@ -124,7 +124,8 @@ class TrainConfig:
     """The optimisation loop."""
 
     steps: int = 800  # optimiser steps
-    batch_size: int = 16  # sequences per step
+    batch_size: int = 16  # sequences per forward pass on each process (the micro-batch)
+    global_batch_size: int = 0  # sequences per optimiser step over all processes; 0: batch_size x processes
     lr: float = 1e-3  # peak AdamW learning rate
     warmup_steps: int = 100  # linear warm-up from 0, then constant (as the reference)
     weight_decay: float = 0.0
@@ -145,6 +146,7 @@ class TrainConfig:
         self.betas = (float(self.betas[0]), float(self.betas[1]))
         _check(self.steps > 0, f"The number of steps must be positive, got {self.steps}.")
         _check(self.batch_size > 0, f"The batch size must be positive, got {self.batch_size}.")
+        _check(self.global_batch_size >= 0, f"The global batch size cannot be negative, got {self.global_batch_size}.")
         _check(self.lr > 0, f"The learning rate must be positive, got {self.lr}.")
         _check(self.warmup_steps >= 0, "The number of warm-up steps cannot be negative.")
         _check(self.log_every > 0, f"--log-every must be positive, got {self.log_every}.")
@@ -167,7 +169,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         length, block_size = self.model.length, self.diffusion.block_size
-        if self.diffusion.algo == "mdlm":
+        if self.diffusion.algo in ("mdlm", "sedd"):  # one block: the whole length
             self.diffusion.block_size = block_size = length
         elif self.diffusion.algo == "ar":
             self.diffusion.block_size = block_size = 1

@@ -273,7 +273,8 @@ def test_entropy_stop():
     assert not low_entropy(torch.zeros(300, dtype=torch.long), 256)  # needs more than 256 tokens
     mock = Mock(2, token=lambda i, p: 5 if i == 0 else 1 + p % 290, vocab=300)
     out = sample_blocks(mock, batch=2, max_tokens=400, block_size=16, seed=0, stop="entropy", mask_id=299, length=32)
-    assert out[0].stop == "entropy" and len(out[0].tokens) == 272  # the first block end past 256 tokens
+    # stopped at the first block end past 256 tokens (272), and the low-entropy 256 cut off
+    assert out[0].stop == "entropy" and len(out[0].tokens) == 16 and out[0].tokens[1:] == [5] * 15
     assert out[1].stop == "length" and len(out[1].tokens) == 400
 
 
@@ -369,6 +370,17 @@ def test_text_stream_matches_render():
     assert out.getvalue() == render(ids, Tok()) + "\n" == "ab c\n\nde\n\nf\n"
 
 
+def test_text_stream_holds_back_what_the_entropy_stop_may_cut():
+    out = io.StringIO()
+    stream = TextStream(Tok(), out, [0], holdback=3)
+    stream.feed([1, 2, 3, 4])
+    assert out.getvalue() == "a"
+    stream.feed([5, 6])
+    assert out.getvalue() == "abc"
+    stream.finish(5)  # the sample kept BOS + 4 tokens: "e" and "f" are never shown
+    assert out.getvalue() == "abcd\n"
+
+
 def test_writer_streams_samples_in_order():
     from bd3.sampling.block import BlockEvent, Sample
 
@@ -426,7 +438,8 @@ def test_cli_jsonl_prompt_and_summary(runs, capsys):
     assert "3 sample(s)" in err and "tokens/s" in err and "model calls per token" in err
     code, again, _ = bd3(capsys, "sample", runs["bd3lm"], "--prompt", "In the beginning", "--max-tokens", 40,
                          "--num-samples", 3, "--batch-size", 1, "--format", "jsonl", "--device", "cpu")
-    strip = lambda text: [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
+    def strip(text):
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"} for line in text.splitlines()]
     assert strip(again) == strip(out)  # a sample does not depend on its batch
 
 

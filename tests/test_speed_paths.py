@@ -40,10 +40,10 @@ def test_tiled_attention_equals_dense_sdpa(length, block_size, first):
 
 def test_tiled_attention_other_masks_and_bf16():
     mask = block_causal_mask(200, 8)  # the sampler's recompute mask
-    x, (q, k, v) = _qkv(1, 200, 2, 8)
+    _, (q, k, v) = _qkv(1, 200, 2, 8)
     torch.testing.assert_close(attend(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     mask = block_diff_mask(128, 4)
-    x, (q, k, v) = _qkv(2, 256, 2, 16, dtype=torch.bfloat16)
+    _, (q, k, v) = _qkv(2, 256, 2, 16, dtype=torch.bfloat16)
     ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), attn_mask=mask)
     assert (attend(q, k, v, mask).double() - ref).abs().max() < 2e-2
 

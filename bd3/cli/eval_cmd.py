@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import numpy as np
-
 import typer
 
 from bd3.cli import options as o
@@ -15,10 +14,14 @@ from bd3.cli.common import err, load_model, open_run, print_table, run_shards, r
 from bd3.config import FULL_CLIP, VARIANCES, RunConfig
 from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
+from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples, sample_documents
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
-from bd3.runtime import resolve_device, resolve_precision
+from bd3.model.backends import resolve_attn
+from bd3.runtime import configure_model, resolve_device, resolve_precision
+from bd3.sampling.block import Decoding
+from bd3.sampling.generate import generate
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
@@ -48,15 +51,35 @@ def evaluate(
         typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)} (comma-separated or repeated).", show_default=False),
     ] = None,
     data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet).", show_default=False)] = None,
+    gen_ppl: Annotated[bool, typer.Option("--gen-ppl", help="Generative perplexity instead: samples of the run (generated with the sampling options below, or read from --samples) scored by --judge.")] = False,
+    judge: Annotated[str, typer.Option(help="With --gen-ppl: the model that scores the samples: a bd3 run trained with --algo ar, or a HuggingFace causal LM (needs pip install 'bd3[transformers]').")] = "gpt2-large",
+    samples: Annotated[Optional[Path], typer.Option(help="Score these samples (the JSONL of `bd3 sample --format jsonl`) instead of generating them; implies --gen-ppl.", show_default=False)] = None,
+    num_samples: o.NumSamples = 16,
+    max_tokens: Annotated[Optional[int], typer.Option(help="With --gen-ppl: tokens per generated sample, BOS included. Default: the model length.", min=2, show_default=False)] = None,
+    sampler: o.Sampler = None,
+    steps: o.Steps = None,
+    threshold: o.Threshold = None,
+    top_p: o.TopP = None,
+    temperature: o.Temperature = 1.0,
+    stop: o.Stop = "none",
+    kv_cache: o.KvCache = True,
+    threads: o.Threads = None,
     batch_size: o.BatchSize = 16,
     max_batches: MaxBatches = None,
     seed: o.Seed = 1,
     device: o.Device = "auto",
     precision: Annotated[str, typer.Option(help="fp32 (default, exact) or bf16.")] = "fp32",
+    attn: o.Attn = "auto",
+    compile_: o.Compile = False,
     json_: o.Json = False,
 ) -> None:
     """Validation perplexity: the NELBO bound for diffusion models (t ~ U[1e-3, 1], one
     stratified t per block), the exact NLL for AR runs.
+
+    --gen-ppl: the generative perplexity of the run's samples under a judge model, with
+    the reference's protocol (the judge's tokenizer, windows of 1024 tokens moving by 512,
+    end-of-text targets excluded): the mean of per-sample perplexities (the paper's number),
+    the token-pooled perplexity, unigram entropy, model calls per token, lengths.
 
     Examples:
 
@@ -66,7 +89,22 @@ def evaluate(
       bd3 eval runs/owt-bs4 --block-size 16     # evaluate at another block size
       bd3 eval runs/owt-bs4 --zero-shot ptb,wikitext2,devil
       bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
+      bd3 eval runs/owt-bs4 --gen-ppl --judge gpt2-large --num-samples 300
+      bd3 eval --samples samples.jsonl --judge runs/owt-ar    # samples of `bd3 sample --format jsonl`
     """
+    if gen_ppl or samples is not None:
+        if zero_shot:
+            raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
+        o.check_stop(stop)
+        decoding = Decoding(rule=o.sampling_rule(sampler, steps, threshold), steps=steps, threshold=0.9 if threshold is None else threshold,
+                            top_p=top_p, temperature=temperature, stop=stop)
+        _generative_perplexity(
+            run, judge, samples, decoding, block_size=block_size, sampler=sampler, steps=steps, threshold=threshold,
+            num_samples=num_samples, batch_size=batch_size,
+            max_tokens=max_tokens, kv_cache=kv_cache, seed=seed, threads=threads, device=device, precision=precision, attn=attn,
+            json_=json_,
+        )
+        return
     r = open_run(run)
     cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     if split not in ("valid", "train"):
@@ -78,7 +116,7 @@ def evaluate(
     if data is not None and len(names) != 1:
         raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one.", param_hint="--data")
     dev = resolve_device(device)
-    model = load_model(r, dev)
+    model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
     if names:
         run_tokenizer(r)
         results = []
@@ -128,6 +166,8 @@ def variance(
     seed: o.Seed = 1,
     device: o.Device = "auto",
     precision: o.Precision = "auto",
+    attn: o.Attn = "auto",
+    compile_: o.Compile = False,
     json_: o.Json = False,
 ) -> None:
     """NELBO and its variance when mask rates are clipped to [beta, omega]: the paper's
@@ -153,7 +193,7 @@ def variance(
     r = open_run(run)
     cfg = _evaluated_as(r.config, block_size)
     dev = resolve_device(device)
-    model = load_model(r, dev)
+    model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
     rows = run_shards(r).rows("valid")
     if len(rows) < 2 * batch_size:
         raise Bd3Error(f"The validation split has {len(rows)} rows; the variance needs at least two batches of {batch_size}. Use a smaller --batch-size.")
@@ -176,6 +216,54 @@ def variance(
     if plot is not None:
         _plot(results, kind, plot)
         err.print(f"Wrote {plot}")
+
+
+GEN_PPL_ROWS = (
+    ("samples", "samples"), ("tokens", "tokens scored"), ("gen_ppl", "gen PPL (mean of per-sample)"),
+    ("gen_ppl_pooled", "gen PPL (token-pooled)"), ("entropy", "unigram entropy (nats, mean)"),
+    ("nfe_per_token", "model calls / token"), ("length_median", "median length (judge tokens)"), ("length_max", "max length"),
+)
+
+
+def _generative_perplexity(run, judge, samples, decoding, *, block_size, sampler, steps, threshold, num_samples, batch_size,
+                           max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
+    """Samples read from a JSONL file or generated from the run, scored under the judge."""
+    dev = resolve_device(device)
+    if samples is not None:
+        items = read_samples(samples, lambda: run_tokenizer(open_run(run)))
+        source = str(samples)
+    else:
+        r = open_run(run)
+        bs = o.sampling_block_size(r, block_size, sampler, steps, threshold)
+        decoding = replace(decoding, top_p=o.top_p_for(r, decoding.top_p))
+        source = str(r.path)
+    scorer = _judge(judge, dev, resolve_precision(precision, dev))  # before generating: it fails fast where sampling takes long
+    if samples is None:
+        model = configure_model(load_model(r, dev), resolve_attn(attn, dev))
+        out = generate(model, r.config, num_samples=num_samples, batch_size=min(batch_size, num_samples),
+                       max_tokens=max_tokens or r.config.model.length, block_size=bs, decoding=decoding, kv_cache=kv_cache,
+                       seed=seed, threads=threads)
+        tok = run_tokenizer(r)
+        items = [GenSample(sample_documents(s.tokens, tok), s.nfe, s.new_tokens) for s in out]
+    result = {"samples_from": source, **generative_perplexity(items, scorer)}
+    print_table(
+        f"bd3 eval {source}: generative perplexity under {scorer.name} (window {scorer.context}, stride {scorer.context // 2})",
+        [{"what": label, "value": result[key]} for key, label in GEN_PPL_ROWS], [("what", ""), ("value", "")], json_, result,
+    )
+
+
+def _judge(spec: str, device, precision: str):
+    """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
+    path = Path(spec)
+    if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
+        jr = open_run(path)
+        if jr.config.diffusion.algo != "ar":
+            raise Bd3Error(
+                f"--judge {spec} was trained with --algo {jr.config.diffusion.algo}; a judge needs exact likelihoods: a run trained with --algo ar, "
+                "or a HuggingFace causal LM such as gpt2-large."
+            )
+        return RunJudge(load_model(jr, device), run_tokenizer(jr), str(path), precision)
+    return load_hf_judge(spec, device)
 
 
 def _check_schedule(spec: str) -> str:

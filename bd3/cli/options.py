@@ -8,6 +8,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from bd3.model.backends import ATTN_BACKENDS
+from bd3.sampling.block import RULES, STOPS
+
 RunArg = Annotated[
     Optional[Path],
     typer.Argument(help="Run directory. Default: the newest run under ./runs.", show_default=False),
@@ -39,6 +42,35 @@ VocabSize = Annotated[int, typer.Option(help="Vocabulary size when training a BP
 Length = Annotated[int, typer.Option(help="Context length L in tokens.", min=8)]
 
 
+def _check_attn(value: str) -> str:
+    if value not in ATTN_BACKENDS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(ATTN_BACKENDS)}.")
+    return value
+
+
+ATTN_HELP = (
+    "Attention backend. auto: flex on CUDA (else xformers if installed, else sdpa), sdpa on CPU. "
+    "sdpa: scaled_dot_product_attention with the dense boolean mask. "
+    "flex (CUDA): FlexAttention, block-sparse masks made by create_block_mask from the mask function. "
+    "xformers (CUDA; pip install 'bd3[xformers]' after torch): memory_efficient_attention with "
+    "block-diagonal biases (BlockDiagonalMask, BlockDiagonalPaddedKeysMask) where the mask is block-diagonal "
+    "(block size = length), LowerTriangularMask for causal models, a tensor bias for the block-diffusion masks."
+)
+Attn = Annotated[str, typer.Option(help=ATTN_HELP, callback=_check_attn)]
+SampleAttn = Annotated[
+    str,
+    typer.Option(
+        help=ATTN_HELP + " The sampler's attention (a block or two of queries, shapes growing with the KV cache) "
+        "runs through SDPA under flex: a compiled FlexAttention kernel would recompile at every new shape.",
+        callback=_check_attn,
+    ),
+]
+Compile = Annotated[
+    bool,
+    typer.Option("--compile", help="Compile each transformer block with torch.compile (in place: checkpoints unchanged; the first steps are slower)."),
+]
+
+
 def _check_clip(value: tuple[float, float] | None) -> tuple[float, float] | None:
     if value is not None and not (0.0 <= value[0] <= value[1] <= 1.0 and value[1] > 0.0):
         raise typer.BadParameter(f"[{value[0]}, {value[1]}] must lie inside [0, 1] with BETA <= OMEGA, for example 0.45 0.95.")
@@ -51,3 +83,100 @@ Clip = Annotated[
         help="Clip interval BETA OMEGA: draw t from U[beta, omega] during training.", show_default=False, callback=_check_clip
     ),
 ]
+
+
+# -- sampling: `bd3 sample`, and `bd3 eval --gen-ppl`, which generates its samples the same way
+
+Sampler = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Update rule inside a block: first-hitting (one position per row per model call), ddpm (--steps per block), "
+        "threshold (--threshold). Default: first-hitting, or the rule --steps / --threshold imply.",
+        show_default=False,
+    ),
+]
+Steps = Annotated[
+    Optional[int],
+    typer.Option(help="ddpm steps per block (implies --sampler ddpm). Default: the block size. For a sedd run: the analytic "
+                 "sampler's steps per window (default: one per generated token).", min=1, show_default=False),
+]
+Threshold = Annotated[
+    Optional[float],
+    typer.Option(
+        help="Confidence decoding: unmask every position whose most likely token has probability above P, at least one per call "
+        "(implies --sampler threshold; default 0.9).",
+        min=0.0, max=1.0, show_default=False,
+    ),
+]
+NumSamples = Annotated[int, typer.Option(help="Number of samples.", min=1)]
+TopP = Annotated[
+    Optional[float],
+    typer.Option(help="Nucleus sampling mass (1 disables, 0 is greedy). Default: the paper's, 0.9 (0.99 for sedd runs).",
+                 min=0.0, max=1.0, show_default=False),
+]
+
+
+def top_p_for(run, top_p: float | None) -> float:
+    """--top-p, or the paper's setting for the run's algorithm."""
+    if top_p is not None:
+        return top_p
+    return 0.99 if run.config.diffusion.algo == "sedd" else 0.9
+Temperature = Annotated[float, typer.Option(help="Softmax temperature.", min=1e-4)]
+Stop = Annotated[
+    str,
+    typer.Option(help="End a sample early: eos (at its end-of-text token), entropy (when its last 256 tokens have a unigram entropy below 4 nats), both, or none."),
+]
+KvCache = Annotated[bool, typer.Option(help="Reuse the K/V of finished blocks (exact within the model length).")]
+Threads = Annotated[
+    Optional[int],
+    typer.Option(
+        help="CPU threads. Default: chosen while sampling, by timing the model calls: one while other processes keep the other "
+        "cores busy (more threads would stall), all of torch's when they are free and faster.",
+        min=1, show_default=False,
+    ),
+]
+
+
+def sampling_rule(sampler: str | None, steps: int | None, threshold: float | None) -> str:
+    """The update rule from --sampler, or the one --steps / --threshold imply."""
+    if sampler is not None and sampler not in RULES:
+        raise typer.BadParameter(f"{sampler!r} is not one of {', '.join(RULES)}.", param_hint="--sampler")
+    if steps is not None and threshold is not None:
+        raise typer.BadParameter("--steps (ddpm) and --threshold (confidence decoding) are different rules; give one.", param_hint="--threshold")
+    implied = "ddpm" if steps is not None else "threshold" if threshold is not None else None
+    if sampler is not None and implied is not None and sampler != implied:
+        name = "--steps" if steps is not None else "--threshold"
+        raise typer.BadParameter(f"applies to --sampler {implied}, not {sampler}.", param_hint=name)
+    return sampler or implied or "first-hitting"
+
+
+def check_stop(stop: str) -> str:
+    if stop not in STOPS:
+        raise typer.BadParameter(f"{stop!r} is not one of {', '.join(STOPS)}.", param_hint="--stop")
+    return stop
+
+
+def sampling_block_size(run, block_size: int | None, sampler: str | None, steps: int | None, threshold: float | None) -> int:
+    """The block size the run samples at, after checking that the block options apply to its algorithm."""
+    cfg = run.config
+    algo, L = cfg.diffusion.algo, cfg.model.length
+    if algo == "ar":
+        for name, value in (("--block-size", block_size), ("--sampler", sampler), ("--steps", steps), ("--threshold", threshold)):
+            if value is not None:
+                raise typer.BadParameter(f"does not apply to an ar run ({run.path}), which samples token by token.", param_hint=name)
+    if algo == "sedd":
+        for name, value in (("--block-size", block_size), ("--sampler", sampler), ("--threshold", threshold)):
+            if value is not None:
+                raise typer.BadParameter(
+                    f"does not apply to a sedd run ({run.path}): it denoises its whole context with the analytic sampler (--steps T).",
+                    param_hint=name,
+                )
+    if algo == "mdlm" and block_size is not None:
+        raise typer.BadParameter(
+            f"does not apply to an mdlm run ({run.path}): it denoises its whole context of {L} tokens, then slides by {L // 2}.",
+            param_hint="--block-size",
+        )
+    bs = block_size or cfg.diffusion.block_size
+    if algo == "bd3lm" and L % bs:
+        raise typer.BadParameter(f"{bs} does not divide the model length {L}.", param_hint="--block-size")
+    return bs

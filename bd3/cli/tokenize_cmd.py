@@ -22,11 +22,14 @@ def tokenize_command(
         typer.Option(help="Folder to write. Default: bd3's data cache ($BD3_CACHE_DIR or ~/.cache/bd3/data), where pretrain finds it.", show_default=False),
     ] = None,
     force: o.Force = False,
+    num_proc: Annotated[int, typer.Option(help="Worker processes that encode documents (the shards are the same for any number).", min=1)] = 1,
 ) -> None:
     """Tokenize a corpus into memmapped train/valid token shards plus meta.json.
 
     Each document is followed by EOS; the stream is cut into rows of [BOS] + (L - 2) tokens
-    + [EOS], as the reference implementation wraps its data.
+    + [EOS], as the reference implementation wraps its data. Documents are streamed and rows
+    written as they are made, so corpora of any size fit; `owt` is OpenWebText
+    (Skylion007/openwebtext) with its last 100,000 documents as the validation split.
 
     Examples:
 
@@ -34,11 +37,12 @@ def tokenize_command(
       bd3 tokenize --data web --tokenizer bpe
       bd3 tokenize --data 'corpus/*.jsonl' --tokenizer gpt2 --length 1024 --out data/corpus-gpt2
       bd3 tokenize --data notes.txt --tokenizer bpe --vocab-size 4096
+      bd3 tokenize --data owt --tokenizer gpt2 --length 1024 --num-proc 16   # then: bd3 pretrain --data owt ...
     """
     if out is None:
-        shards = cached_shards(data, tokenizer, length, vocab_size=vocab_size)
+        shards = cached_shards(data, tokenizer, length, vocab_size=vocab_size, num_proc=num_proc)
     else:
-        shards = tokenize(data, tokenizer, length, out, vocab_size=vocab_size, force=force)
+        shards = tokenize(data, tokenizer, length, out, vocab_size=vocab_size, force=force, num_proc=num_proc)
     m = shards.meta
     splits = ", ".join(f"{name}: {s['rows']} rows / {s['tokens']} tokens" for name, s in m["splits"].items())
     err.print(f"Tokenized {data!r} with {m['tokenizer']} (vocabulary {m['vocab_size']}, length {m['length']}): {splits}")

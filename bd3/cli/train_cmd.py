@@ -13,7 +13,9 @@ from bd3.cli import options as o
 from bd3.cli.common import err, open_run, run_shards, shards_for
 from bd3.config import ALGOS, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
 from bd3.errors import Bd3Error
+from bd3.model.backends import resolve_attn
 from bd3.runs import new_run_name
+from bd3.runtime import resolve_device
 from bd3.train import train
 
 Steps = Annotated[
@@ -44,6 +46,18 @@ FixClip = Annotated[bool, typer.Option("--fix-clip", help="With --clip-search: o
 Variance = Annotated[str, typer.Option("--variance", help="Which variance the clip search minimises: paper (across batches) or block (the reference code's).")]
 EvalBatches = Annotated[int, typer.Option(help="Validation batches at each checkpoint (and per interval of the clip search).", min=1)]
 KeepLast = Annotated[int, typer.Option(help="Keep only the newest N checkpoints (the best one is always kept); 0 keeps all.", min=0)]
+BatchSize = Annotated[int, typer.Option(help="Sequences per forward pass on each process (the micro-batch).", min=1)]
+GlobalBatchSize = Annotated[
+    Optional[int],
+    typer.Option(
+        help="Sequences per optimiser step over all processes; micro-batches are accumulated up to it. "
+        "Default: --batch-size x the number of processes.", min=1, show_default=False,
+    ),
+]
+Fsdp = Annotated[
+    bool,
+    typer.Option("--fsdp", help="Under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP (same checkpoints, same losses)."),
+]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
 
@@ -63,7 +77,8 @@ def pretrain(
     fix_clip: FixClip = False,
     variance: Variance = "paper",
     steps: Steps = None,
-    batch_size: o.BatchSize = 16,
+    batch_size: BatchSize = 16,
+    global_batch_size: GlobalBatchSize = None,
     lr: Lr = 1e-3,
     warmup_steps: Warmup = 100,
     out: Out = None,
@@ -71,6 +86,9 @@ def pretrain(
     seed: o.Seed = 1,
     device: o.Device = "auto",
     precision: o.Precision = "auto",
+    attn: o.Attn = "auto",
+    compile_: o.Compile = False,
+    fsdp: Fsdp = False,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 200,
     eval_batches: EvalBatches = 16,
@@ -85,12 +103,16 @@ def pretrain(
     \b
       bd3 pretrain                                    # nano model, built-in `web` corpus, ~10 min on 2 CPU cores
       bd3 pretrain --block-size 128 --data web        # MDLM-like pre-training at L' = L
+      bd3 pretrain --algo sedd                        # the SEDD baseline (score entropy, absorbing graph)
       bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --out runs/owt
       bd3 pretrain --data 'books/*.txt' --tokenizer bpe --vocab-size 16384 --steps 5000
       bd3 pretrain --resume --out runs/owt --steps 20000  # continue after a crash or Ctrl-C
+      torchrun --nproc-per-node 8 -m bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 \\
+          --batch-size 64 --global-batch-size 512 --out runs/owt    # DDP on 8 GPUs (add --fsdp to shard)
     """
     if resume:
-        return _resume(out, steps)
+        return _resume(out, steps, attn, compile_, fsdp)
+    resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if algo not in ALGOS:
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
@@ -106,13 +128,13 @@ def pretrain(
             ),
             data=DataConfig(data=data, tokenizer=tokenizer),
             train=TrainConfig(
-                steps=steps or TrainConfig.steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, seed=seed,
-                device=device, precision=precision, log_every=log_every, save_every=save_every, keep_last=keep_last,
+                steps=steps or TrainConfig.steps, batch_size=batch_size, global_batch_size=global_batch_size or 0, lr=lr,
+                warmup_steps=warmup_steps, seed=seed, device=device, precision=precision, log_every=log_every, save_every=save_every, keep_last=keep_last,
                 skip_nonfinite=skip_nonfinite, eval_batches=eval_batches,
             ),
         )
     shards = shards_for(data, tokenizer, length, vocab_size)
-    train(cfg, shards, out or new_run_name(cfg), force=force, console=err)
+    train(cfg, shards, out or new_run_name(cfg), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp)
 
 
 def finetune(
@@ -126,7 +148,8 @@ def finetune(
     fix_clip: FixClip = False,
     variance: Variance = "paper",
     steps: Steps = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per step. Default: the parent's.", min=1, show_default=False)] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Sequences per forward pass on each process. Default: the parent's.", min=1, show_default=False)] = None,
+    global_batch_size: GlobalBatchSize = None,
     lr: Lr = 3e-4,
     warmup_steps: Warmup = 50,
     out: Out = None,
@@ -134,6 +157,9 @@ def finetune(
     seed: o.Seed = 1,
     device: o.Device = "auto",
     precision: o.Precision = "auto",
+    attn: o.Attn = "auto",
+    compile_: o.Compile = False,
+    fsdp: Fsdp = False,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 100,
     eval_batches: EvalBatches = 16,
@@ -154,11 +180,14 @@ def finetune(
       bd3 finetune --resume --out runs/owt-bs16
     """
     if resume:
-        return _resume(out, steps)
+        return _resume(out, steps, attn, compile_, fsdp)
+    resolve_attn(attn, resolve_device(device))
     parent = open_run(run)
     pcfg = parent.config
     if pcfg.diffusion.algo == "ar":
         raise Bd3Error(f"{parent.path} is an autoregressive run; fine-tuning changes the block size of BD3-LM runs only.")
+    if pcfg.diffusion.algo == "sedd":
+        raise Bd3Error(f"{parent.path} is a SEDD run (a time-conditioned score model); fine-tuning changes the block size of BD3-LM and MDLM runs only.")
     with _option_errors():
         cfg = RunConfig(
             model=pcfg.model,
@@ -169,7 +198,8 @@ def finetune(
             ),
             data=pcfg.data,
             train=replace(
-                pcfg.train, steps=steps or FINETUNE_STEPS, batch_size=batch_size or pcfg.train.batch_size, lr=lr,
+                pcfg.train, steps=steps or FINETUNE_STEPS, batch_size=batch_size or pcfg.train.batch_size,
+                global_batch_size=global_batch_size or 0, lr=lr,
                 warmup_steps=warmup_steps, seed=seed, device=device, precision=precision, log_every=log_every,
                 save_every=save_every, keep_last=keep_last, skip_nonfinite=skip_nonfinite, eval_batches=eval_batches,
                 parent=str(parent.path),
@@ -178,18 +208,18 @@ def finetune(
     ckpt = parent.latest_checkpoint()
     train(
         cfg, run_shards(parent), out or new_run_name(cfg), init_weights=parent.weights("ema", ckpt),
-        init_source=str(ckpt / "ema.safetensors"), force=force, console=err,
+        init_source=str(ckpt / "ema.safetensors"), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp,
     )
 
 
-def _resume(out: Path | None, steps: int | None) -> None:
+def _resume(out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool = False) -> None:
     """Continue a run from its newest complete checkpoint, with its own config and data."""
     run = open_run(out)
     cfg = run.config
     if steps is not None:
         with _option_errors():
             cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-    train(cfg, run_shards(run), run.path, resume=True, console=err)
+    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp)
 
 
 @contextmanager

@@ -10,13 +10,20 @@ A shard folder holds ``train.bin`` and ``valid.bin`` (flat C-order arrays of sha
 ``(rows, length)``, ``uint16`` when the vocabulary fits, else ``uint32``), the
 ``tokenizer.json`` used and ``meta.json``. It is written into a temporary sibling folder
 and renamed into place, so a folder with a ``meta.json`` is always complete.
+
+Tokenizing streams: documents are read lazily, encoded in chunks of ``ENCODE_CHUNK`` (by
+``num_proc`` worker processes when asked, results taken in order) and the rows of each chunk
+are appended to the split's file at once, so memory stays bounded by a few chunks whatever the
+corpus size, and the files are byte-identical for every ``num_proc``.
 """
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import shutil
@@ -112,15 +119,18 @@ def tokenize(
     eos_between: bool = True,
     detokenizer: str | None = None,
     splits: tuple[str, ...] = SHARD_SPLITS,
+    num_proc: int = 1,
 ) -> "TokenShards":
     """Tokenise the ``splits`` (default train and valid) of ``data`` into a shard folder ``out_dir``.
 
     ``tokenizer='bpe'`` means the shipped web-bpe for ``data='web'`` (at the default
     8192 tokens) and otherwise a BPE of ``vocab_size`` trained on ``data``'s train split.
     An existing non-empty ``out_dir`` is an error unless ``force`` (and even then only a
-    bd3 shard folder is replaced).
+    bd3 shard folder is replaced). ``num_proc`` worker processes encode (same bytes as one).
     """
     _check_length(length)
+    if num_proc < 1:
+        raise Bd3Error(f"--num-proc must be at least 1, got {num_proc}")
     out_dir = Path(out_dir).expanduser()
     _check_out_dir(out_dir, force)
     source = describe_source(data)  # fails early on a bad --data
@@ -129,7 +139,7 @@ def tokenize(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         splits = {
-            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer)
+            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer, num_proc)
             for s in splits
         }
         tok.save(tmp / "tokenizer.json")
@@ -180,16 +190,17 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
 
 def _write_split(
     data: str, split: str, tok: Tokenizer, length: int, path: Path, progress: bool,
-    eos_between: bool = True, detokenizer: str | None = None,
+    eos_between: bool = True, detokenizer: str | None = None, num_proc: int = 1,
 ) -> dict[str, int]:
     dtype = row_dtype(tok.vocab_size)
     documents = 0
+    chunks = _chunks(iter_documents(data, split, detokenizer), ENCODE_CHUNK)
     with open(path, "wb") as fh, _progress_bar(f"tokenize {split}", progress) as bar:
         writer = _RowWriter(fh, tok, length, dtype)
-        for chunk in _chunks(iter_documents(data, split, detokenizer), ENCODE_CHUNK):
-            writer.add(document_stream(tok, chunk, eos_between))
-            documents += len(chunk)
-            bar.update(len(chunk))
+        for n_docs, tokens in _encoded(chunks, tok, eos_between, num_proc):
+            writer.add(tokens)
+            documents += n_docs
+            bar.update(n_docs)
     if writer.rows == 0:
         raise Bd3Error(
             f"data {data!r}, split {split!r}: {writer.stream_tokens} tokens from {documents} "
@@ -209,6 +220,48 @@ def _chunks(items: Iterable[str], size: int) -> Iterator[list[str]]:
     it = iter(items)
     while chunk := list(itertools.islice(it, size)):
         yield chunk
+
+
+def _encoded(
+    chunks: Iterator[list[str]], tok: Tokenizer, eos_between: bool, num_proc: int
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(documents, token stream) per chunk, in order; with ``num_proc`` > 1 encoded by that
+    many worker processes, at most two chunks per worker in flight."""
+    if num_proc == 1:
+        for chunk in chunks:
+            yield len(chunk), document_stream(tok, chunk, eos_between)
+        return
+    first = next(chunks, None)  # a source that fails (offline hub, bad file) fails before any worker starts
+    if first is None:
+        return
+    chunks = itertools.chain([first], chunks)
+    # spawn: fork would copy the parent's Rust thread pool (tokenizers disables it, loudly)
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(num_proc, initializer=_worker_init, initargs=(tok.to_json(), tok.name, eos_between)) as pool:
+        pending: collections.deque = collections.deque()
+        for chunk in chunks:
+            pending.append((len(chunk), pool.apply_async(_worker_encode, (chunk,))))
+            if len(pending) >= 2 * num_proc:
+                n, result = pending.popleft()
+                yield n, result.get()
+        while pending:
+            n, result = pending.popleft()
+            yield n, result.get()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(tokenizer_json: str, name: str, eos_between: bool) -> None:
+    from tokenizers import Tokenizer as HFTokenizer
+
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the processes are the parallelism
+    _WORKER.update(tok=Tokenizer(HFTokenizer.from_str(tokenizer_json), name), eos_between=eos_between)
+
+
+def _worker_encode(chunk: list[str]) -> np.ndarray:
+    tok = _WORKER["tok"]
+    return document_stream(tok, chunk, _WORKER["eos_between"]).astype(row_dtype(tok.vocab_size))
 
 
 def _progress_bar(desc: str, progress: bool) -> Any:
@@ -287,18 +340,20 @@ def cached_shards(
     eos_between: bool = True,
     detokenizer: str | None = None,
     splits: tuple[str, ...] = SHARD_SPLITS,
+    num_proc: int = 1,
 ) -> "TokenShards":
-    """Shards for (data, tokenizer, length) from the cache, tokenising only on a miss."""
+    """Shards for (data, tokenizer, length) from the cache, tokenising only on a miss
+    (``num_proc`` does not change the bytes, so it is not part of the key)."""
     _check_length(length)
     wrapping = {"eos_between": eos_between, "detokenizer": detokenizer, "splits": list(splits)}
     key, tok = _cache_key(data, tokenizer, length, vocab_size, wrapping)
-    name = tokenizer.name if isinstance(tokenizer, Tokenizer) else tokenizer
-    out = cache_root(cache_dir) / f"{_slug(data)}-{_slug(name)}-{length}-{key[:16]}"
+    out = cache_root(cache_dir) / f"{_slug(data)}-{length}-{key[:16]}"
     if _is_complete(out):
         return TokenShards(out)
     try:
         return tokenize(data, tok or tokenizer, length, out, vocab_size=vocab_size, force=out.exists(),
-                        progress=progress, eos_between=eos_between, detokenizer=detokenizer, splits=splits)
+                        progress=progress, eos_between=eos_between, detokenizer=detokenizer, splits=splits,
+                        num_proc=num_proc)
     except _OutDirTaken:
         if _is_complete(out):  # a concurrent process built the same shards
             return TokenShards(out)
@@ -308,18 +363,19 @@ def cached_shards(
 def _cache_key(
     data: str, tokenizer: str | Tokenizer, length: int, vocab_size: int, wrapping: dict | None = None
 ) -> tuple[str, Tokenizer | None]:
-    """(sha256 of everything the shards depend on, the tokenizer if it had to be loaded)."""
+    """(sha256 of everything the shards depend on, the tokenizer if it had to be loaded).
+    A tokenizer counts by its content (sha256), however it was named: a run's own
+    tokenizer.json finds the shards its pretraining made."""
     tok = None
     if tokenizer == "bpe" and not _uses_shipped_bpe(data, vocab_size):
-        tok_key: dict[str, Any] = {"spec": "bpe", "trained_on": "train split"}
+        tok_key: dict[str, Any] = {"spec": "bpe", "trained_on": "train split", "vocab_size": vocab_size}
     else:
         tok = resolve_tokenizer(data, tokenizer, vocab_size)
-        tok_key = {"spec": tok.name, "sha256": tok.sha256}
+        tok_key = {"sha256": tok.sha256}
     blob = {
         "format_version": FORMAT_VERSION,
         "source": describe_source(data),
         "tokenizer": tok_key,
-        "vocab_size": vocab_size,
         "length": int(length),
     }
     if wrapping and wrapping != {"eos_between": True, "detokenizer": None, "splits": list(SHARD_SPLITS)}:

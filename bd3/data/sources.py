@@ -10,8 +10,12 @@ A *document* is one unit of text that the tokenizer wraps with an EOS token:
 
 Splits are reproducible: for built-in and local data, document ``i`` (counted over the
 whole set, files in sorted order) is in ``valid`` when ``i % 50 == 49`` and in ``train``
-otherwise; ``all`` is every document. Hub sets use their own splits (see ``HUB_SETS``);
-``all`` is train followed by valid.
+otherwise; ``all`` is every document. Local files are read one at a time, so a corpus split
+over many files is never in memory at once. Hub sets use their own splits (see
+``HUB_SETS``); ``all`` is train followed by valid. OpenWebText has a single split; as in the
+reference, its last 100,000 documents are ``valid`` and the others ``train``
+(:func:`last_documents_split`). Hub sets are memory-mapped Arrow files in the HF cache, read
+in batches.
 
 Hub sets need the network. Before :mod:`datasets` is imported, the hub's host name is
 resolved (and, without a proxy, connected to) with a short time limit, so an offline
@@ -32,7 +36,7 @@ import threading
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 from bd3.data.detokenizers import DETOKENIZERS
 from bd3.errors import Bd3Error
@@ -59,17 +63,29 @@ HUB_PROBE_SECONDS = 0.9  # each of: name resolution, TCP connect
 
 @dataclass(frozen=True)
 class HubSet:
-    """A named HuggingFace dataset: repo path, config, text field and split names."""
+    """A named HuggingFace dataset: repo path, config, text field and split names
+    (``datasets`` split specs); ``data_files`` for a builder such as ``json`` or ``parquet``."""
 
     path: str
     config: str | None
     field: str
     train: str
     valid: str
+    data_files: str | None = None
+
+
+OWT_VALID_DOCUMENTS = 100_000  # the reference's OpenWebText split: the last 100k documents
+
+
+def last_documents_split(k: int, split: str = "train") -> tuple[str, str]:
+    """(train, valid) split specs that hold out the last ``k`` documents of ``split``."""
+    if k < 1:
+        raise Bd3Error(f"the validation split needs at least one document, got {k}")
+    return f"{split}[:-{k}]", f"{split}[-{k}:]"
 
 
 HUB_SETS: dict[str, HubSet] = {
-    "owt": HubSet("openwebtext", None, "text", "train[:-100000]", "train[-100000:]"),
+    "owt": HubSet("Skylion007/openwebtext", None, "text", *last_documents_split(OWT_VALID_DOCUMENTS)),
     "lm1b": HubSet("lm1b", None, "text", "train", "test"),
     "wikitext103": HubSet("wikitext", "wikitext-103-raw-v1", "text", "train", "validation"),
     "wikitext2": HubSet("wikitext", "wikitext-2-raw-v1", "text", "train", "validation"),
@@ -95,7 +111,8 @@ def read_documents(data: str, split: str) -> list[str]:
 
 
 def iter_documents(data: str, split: str, detokenizer: str | None = None) -> Iterator[str]:
-    """Like :func:`read_documents` but lazy where the source allows (hub sets).
+    """Like :func:`read_documents` but lazy: local files are read one at a time, hub sets
+    in batches.
 
     ``detokenizer`` names a set in ``DETOKENIZERS`` whose detokenizer is applied to every
     document; hub sets use their own by default (as the reference does)."""
@@ -103,11 +120,11 @@ def iter_documents(data: str, split: str, detokenizer: str | None = None) -> Ite
     if detokenizer is None and data in HUB_SETS:
         detokenizer = data
     if data in BUILTIN_SETS:
-        docs = iter(_select(_paragraphs(_read_text(builtin_path(data))), split))
+        docs = _select(_paragraphs(_read_text(builtin_path(data))), split)
     elif data in HUB_SETS:
         docs = _hub_documents(data, split)
     else:
-        docs = iter(_select(_local_documents(resolve_files(data)), split))
+        docs = _select(_local_documents(resolve_files(data)), split)
     fn = DETOKENIZERS.get(detokenizer) if detokenizer else None
     return map(fn, docs) if fn else docs
 
@@ -132,6 +149,7 @@ def describe_source(data: str) -> dict[str, Any]:
             "config": hub.config,
             "field": hub.field,
             "splits": {"train": hub.train, "valid": hub.valid},
+            **({"data_files": hub.data_files} if hub.data_files else {}),
         }
     return {"kind": "files", "spec": data, "files": [_file_info(p) for p in resolve_files(data)]}
 
@@ -181,11 +199,11 @@ def _check_split(split: str) -> None:
         raise Bd3Error(f"unknown split {split!r}; choose one of {', '.join(SPLITS)}")
 
 
-def _select(docs: list[str], split: str) -> list[str]:
+def _select(docs: Iterable[str], split: str) -> Iterator[str]:
     if split == "all":
-        return docs
+        return iter(docs)
     want_valid = split == "valid"
-    return [d for i, d in enumerate(docs) if (i % VALID_EVERY == VALID_EVERY - 1) == want_valid]
+    return (d for i, d in enumerate(docs) if (i % VALID_EVERY == VALID_EVERY - 1) == want_valid)
 
 
 def _paragraphs(text: str) -> list[str]:
@@ -216,14 +234,13 @@ def _file_info(path: Path) -> dict[str, Any]:
     return {"path": str(path), "size": stat.st_size, "mtime": stat.st_mtime}
 
 
-def _local_documents(files: list[Path]) -> list[str]:
-    docs: list[str] = []
+def _local_documents(files: list[Path]) -> Iterator[str]:
+    """The documents of ``files``, one file in memory at a time."""
     for path in files:
         file_docs = _file_documents(path)
         if not file_docs:
             raise Bd3Error(f"{path} holds no text (empty file); remove it or pass other data")
-        docs.extend(file_docs)
-    return docs
+        yield from file_docs
 
 
 def _file_documents(path: Path) -> list[str]:
@@ -375,7 +392,7 @@ def _hub_documents(name: str, split: str) -> Iterator[str]:
     offline = _offline_mode()
     if not offline and not hub_reachable():
         raise Bd3Error(
-            f"hub set {name!r} needs the HuggingFace hub, but {HUB_HOST} is unreachable "
+            f"hub set {name!r} ({hub.path}) needs the HuggingFace hub, but {HUB_HOST} is unreachable "
             f"(offline?); {OFFLINE_ALTERNATIVES}. If the set is in your local HF cache, "
             "set HF_HUB_OFFLINE=1"
         )
@@ -388,7 +405,7 @@ def _load_hub_split(name: str, hub: HubSet, part: str, offline: bool) -> Any:
     import datasets  # imported lazily: slow, and touches the network
 
     try:
-        return datasets.load_dataset(hub.path, hub.config, split=part)
+        return datasets.load_dataset(hub.path, hub.config, split=part, data_files=hub.data_files)
     except Exception as exc:  # network, missing cache, missing set: all user-facing here
         where = "failed to load"
         if offline:

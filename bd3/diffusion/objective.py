@@ -8,6 +8,9 @@ here imports it.
   block-diffusion mask; the output layer runs only on the masked x_t positions.
 - ``mdlm``: the same with one block of length L and no x_0 stream (full attention).
 - ``ar``: causal next-token cross-entropy (the mask logit excluded, as the reference).
+- ``sedd``: MDLM's noise and one stream, the model time-conditioned on sigma
+  (``hidden_states(x_t, sigma=)`` and ``logits(h, c)``), the score-entropy loss
+  (:mod:`bd3.diffusion.sedd`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from bd3.config import DiffusionConfig
 from bd3.diffusion.masks import block_diff_mask
 from bd3.diffusion.noise import T_MIN, corrupt, resample_corrupt, sample_t
 from bd3.diffusion.schedules import get_schedule
+from bd3.diffusion.sedd import sedd_token_loss, total_noise
 from bd3.diffusion.weighting import token_weight
 
 
@@ -64,7 +68,18 @@ def diffusion_loss(
         return ar_loss(model, x0, mask_id)
     t_tok, xt = draw_noise(x0, cfg, mask_id, clip=cfg.clip if clip is None else clip,
                            resample=cfg.resample if resample is None else resample, generator=generator)
-    return nelbo(model, x0, xt, t_tok, cfg, mask_id, weighting=cfg.weighting if weighting is None else weighting)
+    return loss_given_noise(model, x0, xt, t_tok, cfg, mask_id, weighting=cfg.weighting if weighting is None else weighting)
+
+
+def loss_given_noise(
+    model, x0: torch.Tensor, xt: torch.Tensor | None, t_tok: torch.Tensor | None, cfg: DiffusionConfig, mask_id: int,
+    *, weighting: str = "elbo",
+) -> Losses:
+    """The algorithm's loss of ``x0`` given its noise (``xt``, ``t_tok``; None for ``ar``)."""
+    if cfg.algo == "ar":
+        return ar_loss(model, x0, mask_id)
+    loss = sedd_nelbo if cfg.algo == "sedd" else nelbo
+    return loss(model, x0, xt, t_tok, cfg, mask_id, weighting=weighting)
 
 
 def draw_noise(
@@ -81,7 +96,7 @@ def draw_noise(
     ``clip`` bounds the mask rate (never below ``T_MIN``); t is drawn from the range that the
     schedule maps onto it."""
     B, L = x0.shape
-    block_size = L if cfg.algo == "mdlm" else cfg.block_size
+    block_size = L if cfg.algo in ("mdlm", "sedd") else cfg.block_size
     schedule = get_schedule(cfg.schedule)
     t_range = schedule.t_range((max(clip[0], T_MIN), max(clip[1], T_MIN)))
     t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, device=x0.device)
@@ -118,6 +133,26 @@ def nelbo(
     token_loss = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
     schedule, t = get_schedule(cfg.schedule), t_tok[masked]
     token_loss[masked] = token_weight(weighting, schedule.weight(t), schedule.mask_prob(t.double())) * nll
+    return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
+
+
+def sedd_nelbo(
+    model, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
+    *, weighting: str = "elbo",
+) -> Losses:
+    """SEDD's diffusion-weighted score entropy of the masked tokens (a bound on the NLL
+    with ``weighting="elbo"``): one stream, the model conditioned on each sequence's total
+    noise sigma = -log(1 - p) (t is one per sequence: block size = length)."""
+    B, L = x0.shape
+    schedule = get_schedule(cfg.schedule)
+    h, c = model.hidden_states(xt, sigma=total_noise(schedule.mask_prob(t_tok[:, 0].double())).float())
+    masked = xt == mask_id
+    rows = masked.nonzero()[:, 0]
+    logits = model.logits(h[masked], c[rows])
+    t = t_tok[masked].double()
+    w = token_weight(weighting, schedule.weight(t), schedule.mask_prob(t))
+    token_loss = torch.zeros(B, L, device=x0.device, dtype=torch.float32)
+    token_loss[masked] = sedd_token_loss(logits, x0[masked], w, mask_id)
     return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
 
 

@@ -13,8 +13,8 @@ keeping them, so the memory stays linear in the length, as flash attention's.
 
 The mask stays the one definition: the tiling is derived from it, cached with it (masks are
 built once per shape and shared by every layer), with its restricted parts as additive
-masks made once per dtype. Elsewhere (inference, CUDA, float masks, a few queries, causal)
-this is plain SDPA.
+masks made once per dtype. Elsewhere (inference, CUDA, float masks, a few queries, causal,
+inside torch.compile) this is plain SDPA; FlexAttention and xformers are in bd3.model.backends.
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from bd3.model.backends import attend_with
+
 MIN_TILE = 32  # queries (and keys) per tile, at least
 MAX_TILES = 32  # longer sequences get larger tiles, so the number of kernel calls stays bounded
 MAX_DENSITY = 0.7  # tile only when at most this share of the (query, key) pairs is computed
-
 
 
 @dataclass
@@ -68,7 +69,7 @@ def tile_size(n_queries: int) -> int:
 
 def _make_plan(m: torch.Tensor) -> _Plan:
     S_q, S_kv = m.shape
-    if S_q <= MIN_TILE or not bool(m.any(dim=1).all()):  # no query without a key: else leave it to SDPA
+    if S_q <= MIN_TILE or not bool(m.any(dim=1).all()):  # few queries, or one that sees no key: SDPA
         return _Plan(None)
     T = tile_size(S_q)
     n_q, n_kv = -(-S_q // T), -(-S_kv // T)
@@ -102,30 +103,37 @@ def _additive(plan: _Plan, dtype: torch.dtype) -> list[torch.Tensor | None]:
     return plan.additive[dtype]
 
 
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool = False) -> torch.Tensor:
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool = False, backend: str = "sdpa"
+) -> torch.Tensor:
     """SDPA over (B, H, S, d) tensors; ``mask`` (S_q, S_kv) bool, float or None. Only the
-    first S_q rows of a longer mask are used (queries for a prefix of the positions)."""
+    first S_q rows of a longer mask are used (queries for a prefix of the positions).
+    ``backend`` flex or xformers: the same attention through bd3.model.backends (CUDA)."""
+    if backend != "sdpa":
+        return attend_with(backend, q, k, v, mask, is_causal)
     S_q = q.shape[2]
     mask_q = mask if mask is None or mask.shape[-2] == S_q else mask[..., :S_q, :]
     tiled = (  # training on a CPU: inference keeps SDPA, whose forward alone is cheap enough
         mask is not None and not is_causal and mask.dtype == torch.bool and mask.dim() == 2 and S_q > MIN_TILE
         and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype
         and torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
+        and not torch.compiler.is_compiling()  # compiled: SDPA, which inductor lowers
     )
     if tiled:
         plan = _plan(mask, S_q)
         if plan.tiles is not None:
-            return _TiledAttention.apply(q, k, v, plan, _additive(plan, q.dtype))
+            with torch.autocast(q.device.type, enabled=False):  # float32 inside, whatever autocast says
+                return _TiledAttention.apply(q, k, v, plan, _additive(plan, q.dtype))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask_q, is_causal=is_causal)
 
 
 class _TiledAttention(torch.autograd.Function):
     """Attention tile by tile with batched matmuls (the CPU flash kernel is slow at head
     dimension 32, its backward especially). Each query tile sees all its keys at once (the
-    runs gathered), so its softmax is exact in one call. Scores and softmax are float32 (the
-    q k^T matmul too); P V and the gradient matmuls run in the input dtype, as flash
-    attention's. Nothing per pair is kept: the backward recomputes the probabilities, so
-    the memory is linear in the length."""
+    runs gathered), so its softmax is exact in one call. Everything inside runs in float32
+    (with head dimension 32 the matmuls are small, and bf16 would round the scores); inputs
+    and outputs keep their dtype. Nothing per pair is kept: the backward recomputes the
+    probabilities, so the memory is linear in the length."""
 
     @staticmethod
     def forward(ctx, q, k, v, plan: _Plan, masks):

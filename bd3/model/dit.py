@@ -1,10 +1,10 @@
 """The reference's DiT backbone ("DDiT" of MDLM / BD3-LMs), re-implemented.
 
 Rotary attention, adaLN modulation from a constant conditioning vector (time conditioning
-is off: sigma = 0), LayerNorm without bias computed in float32, a separate input embedding
-and output layer. Submodule names equal the released checkpoints' keys (less the
-``backbone.`` prefix), so they import exactly. ``causal=True`` is the AR baseline: causal
-attention and no adaLN.
+is off: sigma = 0; SEDD passes ``sigma`` per sample, as the reference), LayerNorm without
+bias computed in float32, a separate input embedding and output layer. Submodule names
+equal the released checkpoints' keys (less the ``backbone.`` prefix), so they import
+exactly. ``causal=True`` is the AR baseline: causal attention and no adaLN.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from bd3.config import ModelConfig
 from bd3.model.attention import attend
@@ -134,9 +134,11 @@ class Block(nn.Module):
         kv_cache: KVCache | None,
         layer: int,
         first: int | None = None,
+        attn: str = "sdpa",
     ) -> torch.Tensor:
         """``first``: only the first ``first`` positions are queries and outputs (the others
-        still give keys and values), as the last layer needs for the x_t half."""
+        still give keys and values), as the last layer needs for the x_t half. ``attn``: the
+        attention backend (bd3.model.backends)."""
         B, S, D = x.shape
         H = self.n_heads
         shift1 = scale1 = gate1 = shift2 = scale2 = gate2 = None
@@ -156,7 +158,7 @@ class Block(nn.Module):
         # With a cache the new tokens see every cached token and each other (one token at a
         # time for the AR model, one block at a time for the block models).
         is_causal = causal and attn_mask is None and kv_cache is None
-        a = attend(q, k, v, attn_mask, is_causal=is_causal)
+        a = attend(q, k, v, attn_mask, is_causal=is_causal, backend=attn)
         a = self.attn_out(a.transpose(1, 2).reshape(B, S, D))
         x = self._residual(x, gate1, a)
         return self._residual(x, gate2, self.mlp(self.norm2(x, shift2, scale2)))
@@ -195,6 +197,7 @@ class DiT(nn.Module):
         self.rotary_emb = Rotary(cfg.head_dim)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
         self.output_layer = OutputLayer(cfg, vocab_size)
+        self.attn = "sdpa"  # the attention backend: a runtime choice (bd3.model.backends), not saved
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -207,10 +210,13 @@ class DiT(nn.Module):
         nn.init.zeros_(self.output_layer.linear.weight)
         nn.init.zeros_(self.output_layer.linear.bias)
 
-    def _conditioning(self, device: torch.device) -> torch.Tensor | None:
-        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim)."""
+    def _conditioning(self, device: torch.device, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim); with ``sigma``
+        (B,) (SEDD's time conditioning) silu(sigma_map(sigma)), one row per sample."""
         if self.cfg.causal:
             return None
+        if sigma is not None:
+            return F.silu(self.sigma_map(sigma))
         return F.silu(self.sigma_map(torch.zeros(1, device=device)))
 
     def hidden_states(
@@ -221,6 +227,7 @@ class DiT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         first: int | None = None,
+        sigma: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Run the blocks. Returns the last residual stream (B, S, D) and the conditioning
         vector that :meth:`logits` needs.
@@ -230,18 +237,19 @@ class DiT(nn.Module):
         None means full attention, or causal attention for the AR model. ``first``: return
         only the first ``first`` positions (B, first, D); the last layer then computes only
         those (training needs the x_t half; the x_0 half matters only as keys and values).
+        ``sigma`` (B,): time-conditioned (SEDD); the conditioning is then (B, cond_dim).
         """
-        B, S = tokens.shape
+        S = tokens.shape[1]
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
         x = F.embedding(tokens, self.vocab_embed.embedding)
-        c = self._conditioning(tokens.device)
+        c = self._conditioning(tokens.device, sigma)
         cos, sin = self.rotary_emb.cos_sin(positions, self._compute_dtype(x))
         cos, sin = cos[:, None, None, :], signed_sin(sin)[:, None, None, :]
         last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
             mod = block.adaLN_modulation(c)[:, None, :] if c is not None else None
-            x = block(x, cos, sin, mod, attn_mask, self.cfg.causal, kv_cache, i, first if i == last else None)
+            x = block(x, cos, sin, mod, attn_mask, self.cfg.causal, kv_cache, i, first if i == last else None, self.attn)
         if first is not None and not self.blocks:
             x = x[:, :first]
         return x, c
@@ -277,9 +285,10 @@ class DiT(nn.Module):
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         last: int | None = None,
+        sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, S, V), or for the last ``last`` positions only."""
-        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache)
+        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, sigma=sigma)
         if last is not None:
             h = h[:, -last:]
         return self.logits(h, c)

@@ -120,6 +120,8 @@ def export_checkpoint(run: Run, out: Path, *, force: bool = False) -> Path:
     cfg = run.config
     if cfg.diffusion.algo == "ar":
         raise Bd3Error(f"{run.path} is an autoregressive run; the BD3LM layout holds block diffusion models only.")
+    if cfg.diffusion.algo == "sedd":
+        raise Bd3Error(f"{run.path} is a SEDD run (a time-conditioned score model); the BD3LM layout holds block diffusion models only.")
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise Bd3Error(f"{out} exists and is not empty; choose another folder or pass --force.")

@@ -3,7 +3,7 @@
 The prompt goes through the model in one causal pass that also gives the first new token;
 then one call per token. Beyond the model length the cache slides (each token sees the last
 ``length - 1`` ones). Rows stop (and leave the batch and the cache) per row, as in
-:mod:`bd3.sampling.block`.
+:mod:`bd3.sampling.block` (the entropy rule is checked every ``report_every`` tokens).
 """
 
 from __future__ import annotations
@@ -13,7 +13,15 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from bd3.sampling.block import BlockEvent, Decoding, Sample, _as_prompt, low_entropy
+from bd3.sampling.block import (
+    BlockEvent,
+    Decoding,
+    Sample,
+    checked_prompt,
+    finished_samples,
+    low_entropy,
+    surviving_rows,
+)
 from bd3.sampling.denoiser import backend_for
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import draw, subs_weights
@@ -47,12 +55,7 @@ def sample_ar(
     rng = rng or RowRNG.for_samples(seed, samples)
     backend = backend_for(model, engine)
     device = backend.device
-    p = _as_prompt(prompt, bos_id, device)
-    P = p.numel()
-    if P >= max_tokens:
-        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {P} tokens")
-    if P >= length:
-        raise ValueError(f"the prompt ({P} tokens with BOS) must be shorter than the model's context ({length})")
+    p = checked_prompt(prompt, bos_id, device, max_tokens=max_tokens, length=length)
     tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
     with torch.inference_mode(), restore_threads():
         return _run(backend, p, B, samples, rng, decoding, max_tokens=max_tokens, length=length, mask_id=mask_id,
@@ -94,24 +97,17 @@ def _run(backend, prompt, B, samples, rng, dec: Decoding, *, max_tokens, length,
             for r in range(len(index)):
                 if not stop[r] and low_entropy(seq[r], n + 1):
                     stop[r] = "entropy"
-        finished = []
-        for r, why in enumerate(stop):
-            if why:
-                smp = Sample(index[r], seq[r, : n + 1].tolist(), P, n + 1 - P, why, time.perf_counter() - t0)
-                done[index[r]] = smp
-                finished.append(smp)
+        finished = finished_samples(index, seq, [n + 1] * len(index), stop, P, [n + 1 - P] * len(index), time.perf_counter() - t0)
+        done.update((smp.index, smp) for smp in finished)
         if on_block is not None and (report or finished):
             on_block(BlockEvent(list(index), seq[:, reported : n + 1].tolist(), finished))
             reported = n + 1
         if len(finished) == len(index):
             break
         if finished:
-            keep = [r for r in range(len(index)) if not stop[r]]
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            seq, tok, u = seq[keep_t], tok[keep_t], u[keep_t]
-            index = [index[r] for r in keep]
-            rng.select(keep)
-            cache.select(keep_t)
+            index, keep = surviving_rows(stop, index, rng, device)
+            seq, tok, u = seq[keep], tok[keep], u[keep]
+            cache.select(keep)
         cache.make_room(1)
         with tuner.call():
             h = backend.hidden(tok[:, None], n, cache=cache)

@@ -18,8 +18,8 @@ the KV cache) when it stops. Update rules inside a block:
 
 Stops, per row: ``eos`` ends a row at its first generated end-of-text token (positions after
 it in the block are no longer denoised); ``entropy`` ends a row whose last 256 tokens have a
-unigram entropy below 4 nats (the paper's rule, checked after each block); ``both``;
-``none``. The first ``prompt`` tokens (BOS included) are given: whole prompt blocks are
+unigram entropy below 4 nats (the paper's rule, checked after each block; as in the
+reference, those last 256 tokens are cut from the sample); ``both``; ``none``. The first ``prompt`` tokens (BOS included) are given: whole prompt blocks are
 written into the KV cache, the rest pre-fills the first block to denoise.
 """
 
@@ -110,10 +110,38 @@ def low_entropy(tokens: torch.Tensor, end: int) -> bool:
     return end > ENTROPY_WINDOW and unigram_entropy(tokens[end - ENTROPY_WINDOW : end]) < ENTROPY_MIN
 
 
-def _as_prompt(prompt, bos_id: int, device) -> torch.Tensor:
+def finished_samples(index, seq, ends, stop, prompt_tokens: int, nfe, seconds: float) -> list[Sample]:
+    """A :class:`Sample` for each row with a stop reason; a row stopped by low entropy loses
+    the low-entropy window (its last ``ENTROPY_WINDOW`` tokens, never the prompt)."""
+    out = []
+    for r, why in enumerate(stop):
+        if why:
+            end = int(ends[r])
+            if why == "entropy":
+                end = max(prompt_tokens, end - ENTROPY_WINDOW)
+            out.append(Sample(index[r], seq[r, :end].tolist(), prompt_tokens, int(nfe[r]), why, seconds))
+    return out
+
+
+def surviving_rows(stop, index, rng: RowRNG, device) -> tuple[list[int], torch.Tensor]:
+    """The sample indices of the rows without a stop reason and their row numbers (the
+    rows' random generators are narrowed to them)."""
+    keep = [r for r, why in enumerate(stop) if not why]
+    rng.select(keep)
+    return [index[r] for r in keep], torch.tensor(keep, dtype=torch.long, device=device)
+
+
+def checked_prompt(prompt, bos_id: int, device, *, max_tokens: int, length: int) -> torch.Tensor:
+    """The prompt as a tensor (default: BOS alone), checked against the output length and
+    the model's context."""
     if prompt is None:
         prompt = [bos_id]
-    return torch.as_tensor(list(prompt) if not isinstance(prompt, torch.Tensor) else prompt, dtype=torch.long, device=device)
+    p = torch.as_tensor(list(prompt) if not isinstance(prompt, torch.Tensor) else prompt, dtype=torch.long, device=device)
+    if p.numel() >= max_tokens:
+        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {p.numel()} tokens")
+    if p.numel() >= length:
+        raise ValueError(f"the prompt ({p.numel()} tokens with BOS) must be shorter than the model's context ({length})")
+    return p
 
 
 def sample_blocks(
@@ -168,12 +196,7 @@ def sample_blocks(
     else:
         den = model if hasattr(model, "commit") else FunctionDenoiser(model)
         device = device or "cpu"
-    p = _as_prompt(prompt, bos_id, device)
-    P = p.numel()
-    if P >= max_tokens:
-        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {P} tokens")
-    if P >= length:
-        raise ValueError(f"the prompt ({P} tokens with BOS) must be shorter than the model's context ({length})")
+    p = checked_prompt(prompt, bos_id, device, max_tokens=max_tokens, length=length)
     if mdlm:
         spans = [(0, length)] + [(s, s + block_size) for s in range(length, max_tokens, block_size)]
     else:
@@ -218,13 +241,8 @@ def _run(den, spans, prompt, B, samples, rng, dec: Decoding, *, max_tokens, mask
             for r in range(blk.shape[0]):
                 if stop[r] != "eos" and low_entropy(seq[r], int(end[r])):
                     stop[r] = "entropy"
-        now = time.perf_counter() - t0
-        finished = []
-        for r in range(blk.shape[0]):
-            if stop[r]:
-                smp = Sample(index[r], seq[r, : int(end[r])].tolist(), P, int(nfe[r]), stop[r], now)
-                done[index[r]] = smp
-                finished.append(smp)
+        finished = finished_samples(index, seq, end, stop, P, nfe, time.perf_counter() - t0)
+        done.update((smp.index, smp) for smp in finished)
         if on_block is not None:
             new = blk[:, lo:hi].tolist()
             new = [row[: int(end[r]) - s - lo] for r, row in enumerate(new)]
@@ -232,12 +250,9 @@ def _run(den, spans, prompt, B, samples, rng, dec: Decoding, *, max_tokens, mask
         if len(finished) == len(index):
             break
         if finished:
-            keep = [r for r in range(len(index)) if not stop[r]]
-            keep_t = torch.tensor(keep, dtype=torch.long, device=device)
-            seq, blk, nfe = seq[keep_t], blk[keep_t], nfe[keep]
-            index = [index[r] for r in keep]
-            rng.select(keep)
-            den.select(keep_t)
+            index, keep = surviving_rows(stop, index, rng, device)
+            seq, blk, nfe = seq[keep], blk[keep], nfe[keep.cpu()]
+            den.select(keep)
         if bi + 1 < len(spans):
             den.commit(blk, s)
     return [done[i] for i in samples]

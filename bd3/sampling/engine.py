@@ -23,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bd3.model.backends import attend_with
 from bd3.model.kv_cache import KVCache
 
 
@@ -55,6 +56,10 @@ class Engine:
         self.vocab_size = model.vocab_size
         emb = model.vocab_embed.embedding
         self.device, self.dtype = emb.device, emb.dtype
+        # xformers runs the sampler's attention too; flex does not: the shapes change every
+        # call (the cache grows), which would recompile its kernel, and a block or two of
+        # queries leaves no tiles to skip. SDPA it is, for flex and sdpa.
+        self.xformers = getattr(model, "attn", "sdpa") == "xformers"
         with torch.no_grad():
             self.embedding = emb.detach()
             if self.causal:
@@ -138,7 +143,8 @@ class Engine:
         cos, sin = cos[None, :, None, None, :], sin[None, :, None, None, :]
         if causal and cache is None and mask is None and query is not None:
             mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()  # queries subset: explicit
-        if mask is not None and mask.dtype == torch.bool:
+        xformers = self.xformers and (mask is None or mask.dtype == torch.bool)
+        if mask is not None and mask.dtype == torch.bool and not xformers:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         is_causal = causal and cache is None and mask is None
         last = self.n_layers - 1
@@ -151,14 +157,21 @@ class Engine:
             if cache is not None:
                 k, v = cache.update(i, k, v)
             m = mask
+            if xformers:  # every query (a bias covers whole rows); the asked ones are kept below
+                a = attend_with("xformers", q, k, v, m, is_causal)
             if i == last and query is not None:
                 Q = query.shape[1]
-                q = q.gather(2, query[:, None, :, None].expand(B, H, Q, hd))
+                rows = query[:, None, :, None].expand(B, H, Q, hd)
+                if xformers:
+                    a = a.gather(2, rows)
+                else:
+                    q = q.gather(2, rows)
                 x = x.view(B, S, D).gather(1, query[:, :, None].expand(B, Q, D)).view(B * Q, D)
-                if m is not None:
+                if m is not None and not xformers:
                     m = m[query][:, None]  # (B, 1, Q, kv)
                 S = Q
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
+            if not xformers:
+                a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
             x = torch.addmm(x, a.transpose(1, 2).reshape(B * S, D), L.out_wt)
             h = F.gelu(torch.addmm(L.fc1_b, F.layer_norm(x, (D,)), L.fc1_wt), approximate="tanh")
             x = torch.addmm(x, h, L.fc2_wt).add_(L.fc2_b)

@@ -4,6 +4,8 @@
 - ``mdlm``: block size = length with full attention; beyond the length a window of
   ``length`` tokens slides by half of it (MDLM's semi-autoregressive stride).
 - ``ar``: token by token with a KV cache.
+- ``sedd``: the analytic (Tweedie tau-leaping) sampler over the whole length, ``decoding.steps``
+  steps, the same sliding window beyond the length as MDLM (:mod:`bd3.sampling.sedd`).
 
 Sample ``i`` draws its random numbers from ``(seed, i)`` whatever the batch size, so the
 same seed gives the same samples with any ``batch_size``.
@@ -16,6 +18,7 @@ from collections.abc import Callable, Sequence
 from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
 from bd3.sampling.denoiser import backend_for
+from bd3.sampling.sedd import sample_sedd
 from bd3.sampling.threads import ThreadTuner
 
 
@@ -39,8 +42,10 @@ def generate(
     decoding = decoding or Decoding()
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
-    backend = backend_for(model, engine)  # built once, shared by the batches
-    threads = ThreadTuner(threads, backend.device)  # so is what it learnt about threads
+    # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
+    backend = model if algo == "sedd" else backend_for(model, engine)
+    device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
+    threads = ThreadTuner(threads, device)  # so is what it learnt about threads
     batch_size = min(batch_size or num_samples, num_samples)
     prompt = list(prompt) if prompt is not None else [data.bos_id]
     common = dict(max_tokens=max_tokens, length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id,
@@ -50,6 +55,8 @@ def generate(
         samples = list(range(first, min(first + batch_size, num_samples)))
         if algo == "ar":
             out += sample_ar(backend, samples=samples, **common)
+        elif algo == "sedd":
+            out += sample_sedd(backend, samples=samples, schedule=config.diffusion.schedule, **common)
         elif algo == "mdlm":
             out += sample_blocks(backend, samples=samples, block_size=max(L // 2, 1), mdlm=True, **common)
         else:

@@ -33,30 +33,36 @@ def render(ids: Sequence[int], tokenizer) -> str:
 class TextStream:
     """The text of one sample, written as tokens arrive (:meth:`feed`); the decoder only
     sees the segment since the last end-of-text token, and a trailing partial character
-    (or whitespace) is held back until what follows it arrives."""
+    (or whitespace) is held back until what follows it arrives. ``holdback``: the last N
+    tokens fed are not shown until :meth:`finish` (the entropy stop may cut them)."""
 
-    def __init__(self, tokenizer, out: TextIO, ids: Sequence[int] = ()) -> None:
-        self.tokenizer, self.out = tokenizer, out
+    def __init__(self, tokenizer, out: TextIO, ids: Sequence[int] = (), holdback: int = 0) -> None:
+        self.tokenizer, self.out, self.holdback = tokenizer, out, holdback
         self.prefix = ""  # text of the finished segments, with their separators
         self.segment: list[int] = []
+        self.pending: list[int] = []  # fed, not yet decoded (the held-back tail)
+        self.taken = 0  # ids decoded so far
         self.written = ""
-        self.started = False  # a leading BOS is dropped once
         self.feed(ids, write=False)
 
     def feed(self, ids: Sequence[int], write: bool = True) -> None:
+        self.pending.extend(ids)
+        self._take(len(self.pending) - self.holdback)
+        if write:
+            self.flush()
+
+    def _take(self, n: int) -> None:
         tok = self.tokenizer
-        for i in ids:
-            if not self.started:
-                self.started = True
-                if i == tok.bos_id:
-                    continue
-            if i == tok.eos_id:
+        for i in self.pending[: max(n, 0)]:
+            if self.taken == 0 and i == tok.bos_id:  # a leading BOS is dropped
+                pass
+            elif i == tok.eos_id:
                 self.prefix += tok.decode(self.segment).strip() + "\n\n"
                 self.segment = []
             else:
                 self.segment.append(i)
-        if write:
-            self.flush()
+            self.taken += 1
+        del self.pending[: max(n, 0)]
 
     def text(self) -> str:
         return self.prefix + self.tokenizer.decode(self.segment).strip()
@@ -69,7 +75,9 @@ class TextStream:
             self.out.flush()
             self.written = text
 
-    def finish(self) -> None:
+    def finish(self, total: int | None = None) -> None:
+        """Write the rest: the sample's first ``total`` tokens (default all fed)."""
+        self._take(len(self.pending) if total is None else total - self.taken)
         text = self.text().rstrip()
         if text.startswith(self.written):
             self.out.write(text[len(self.written) :])
@@ -80,9 +88,10 @@ class TextStream:
 class SampleWriter:
     """Writes ``num_samples`` samples (numbered from 0) to ``out`` as ``text`` or ``jsonl``."""
 
-    def __init__(self, tokenizer, out: TextIO, fmt: str, num_samples: int, prompt: Sequence[int] = ()) -> None:
+    def __init__(self, tokenizer, out: TextIO, fmt: str, num_samples: int, prompt: Sequence[int] = (), holdback: int = 0) -> None:
         self.tokenizer, self.out, self.fmt, self.num_samples = tokenizer, out, fmt, num_samples
         self.prompt = list(prompt)
+        self.holdback = holdback  # text: tokens not shown until their sample is done (entropy stop)
         self.next = 0  # the sample written (or streaming) next
         self.streams: dict[int, TextStream] = {}
         self.finished: dict[int, object] = {}
@@ -98,7 +107,7 @@ class SampleWriter:
 
     def _stream(self, i: int) -> TextStream:
         if i not in self.streams:
-            self.streams[i] = TextStream(self.tokenizer, self.out, self.prompt)
+            self.streams[i] = TextStream(self.tokenizer, self.out, self.prompt, self.holdback)
         return self.streams[i]
 
     def _advance(self) -> None:
@@ -121,7 +130,7 @@ class SampleWriter:
                 stream = self.streams.pop(self.next, None)
                 if stream is None:  # a sample that never reported a block
                     stream = TextStream(self.tokenizer, self.out, smp.tokens)
-                stream.finish()
+                stream.finish(len(smp.tokens))
                 if self.next + 1 < self.num_samples:
                     self.out.write(SEPARATOR)
                     self.out.flush()

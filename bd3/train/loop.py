@@ -3,6 +3,9 @@
 Everything that decides the next step is part of a checkpoint (weights, EMA, AdamW moments,
 the step, the data position, the torch and noise RNG states), so ``resume=True`` continues a
 run with exactly the losses it would have had without the interruption (same device).
+
+Under torchrun the same loop runs on every process (DDP, or FSDP2 with ``fsdp=True``), and a
+step may be split into micro-batches (``global_batch_size``); see :mod:`bd3.train.distributed`.
 """
 
 from __future__ import annotations
@@ -21,14 +24,17 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from bd3 import __version__
 from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
-from bd3.diffusion.objective import diffusion_loss
-from bd3.errors import Bd3Error, Stopped
 from bd3.diffusion.clip_search import clip_grid
+from bd3.diffusion.objective import diffusion_loss, draw_noise
+from bd3.errors import Bd3Error, Stopped
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance
 from bd3.model import DiT
+from bd3.model.backends import resolve_attn
 from bd3.runs import Run, load_strict, load_tensors
-from bd3.runtime import autocast, resolve_device, resolve_precision
+from bd3.runtime import autocast, configure_model, resolve_precision
+from bd3.train import distributed as dist_
+from bd3.train.distributed import Parallel
 from bd3.train.ema import EMA
 
 
@@ -38,8 +44,8 @@ class Batches:
     def __init__(self, rows: np.ndarray, batch_size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
         if len(rows) < batch_size:
             raise Bd3Error(
-                f"The training split has {len(rows)} rows of tokens, fewer than the batch size {batch_size}; "
-                "use a smaller --batch-size or --length, or more data."
+                f"The training split has {len(rows)} rows of tokens, fewer than the (global) batch size {batch_size}; "
+                "use a smaller --batch-size / --global-batch-size or --length, or more data."
             )
         self.rows, self.batch_size, self.seed = rows, batch_size, seed
         self.epoch, self.position = epoch, position
@@ -80,24 +86,56 @@ def fill_data_config(cfg: RunConfig, shards: TokenShards) -> RunConfig:
 class Trainer:
     """The model, its optimiser, EMA, data order and RNG: all a checkpoint restores."""
 
-    def __init__(self, cfg: RunConfig, shards: TokenShards, device: torch.device, precision: str) -> None:
+    def __init__(
+        self, cfg: RunConfig, shards: TokenShards, device: torch.device, precision: str, attn: str = "sdpa", compile: bool = False,
+        par: Parallel | None = None,
+    ) -> None:
         self.cfg, self.device, self.precision = cfg, device, precision
+        self.par = par or Parallel()
         tcfg = cfg.train
         torch.manual_seed(tcfg.seed)
-        self.model = DiT(cfg.model, cfg.data.vocab_size).to(device)
-        self.optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, foreach=True
-        )
+        self.model = configure_model(DiT(cfg.model, cfg.data.vocab_size).to(device), attn, compile)
+        if self.par.rank > 0:  # dropout masks differ between processes; rank 0 keeps the one-process stream
+            torch.manual_seed(dist_.rank_seed(tcfg.seed, 0, self.par.rank))
+        self.optimizer = self._new_optimizer()
         self.ema = EMA(self.model, tcfg.ema_decay)
-        self.data = Batches(shards.rows("train"), tcfg.batch_size, tcfg.seed)
-        self.noise = torch.Generator(device=device).manual_seed(tcfg.seed)
+        self.global_batch = dist_.resolve_global_batch(tcfg.global_batch_size, tcfg.batch_size, self.par.world_size, resume=False)
+        self.micro, self.accum = dist_.micro_batches(self.global_batch, tcfg.batch_size, self.par.world_size)
+        self.data = Batches(shards.rows("train"), self.global_batch, tcfg.seed)
+        self.noise = torch.Generator(device=device).manual_seed(tcfg.seed)  # the same on every process
+        self.engine: torch.nn.Module | None = None  # set by distribute() when steps are split
         self.step = 0
         self.skipped = 0  # non-finite steps tolerated so far
         self.last_validation: dict | None = None
 
+    def _new_optimizer(self) -> torch.optim.Optimizer:
+        tcfg = self.cfg.train
+        return torch.optim.AdamW(
+            self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, foreach=True
+        )
+
+    @property
+    def sharded(self) -> bool:
+        return self.par.fsdp and self.engine is not None and self.par.distributed
+
+    def distribute(self) -> None:
+        """Split each step over the processes and micro-batches (nothing to do for one process
+        and one batch). Under FSDP the weights, EMA and AdamW state loaded so far are sharded."""
+        if not self.par.distributed and self.accum == 1:
+            return
+        self.local_rows = dist_.local_rows(self.global_batch, self.par.world_size, self.par.rank, self.micro)
+        self.engine = dist_.wrap(self.model, self.par, self.device)
+        if self.sharded:
+            full_opt = self.optimizer.state_dict()
+            self.optimizer = self._new_optimizer()
+            self.optimizer.load_state_dict(dist_.shard_optimizer_state(full_opt, list(self.model.parameters())))
+            self.ema.shadow = dist_.shard_like(self.ema.shadow, self.model.state_dict())
+
     def train_step(self) -> tuple[float, float]:
         """One optimiser step; returns (loss, gradient norm). A non-finite loss or gradient
         leaves the weights untouched."""
+        if self.engine is not None:
+            return self._split_step()
         tcfg = self.cfg.train
         self.step += 1
         lr = lr_at(self.step - 1, tcfg)
@@ -121,15 +159,55 @@ class Trainer:
         self.ema.update(self.model)
         return loss.item(), float(grad_norm)
 
+    def _split_step(self) -> tuple[float, float]:
+        """:meth:`train_step` with the global batch split over processes and micro-batches.
+        Every process draws the global batch and its noise (the same generator state
+        everywhere), then computes its own rows; the loss and gradient are global means."""
+        tcfg, d, mask_id = self.cfg.train, self.cfg.diffusion, self.cfg.data.mask_id
+        self.step += 1
+        lr = lr_at(self.step - 1, tcfg)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        x0 = self.data.next().to(self.device)
+        xt = t_tok = None
+        if d.algo != "ar":
+            with autocast(self.device, self.precision):
+                t_tok, xt = draw_noise(x0, d, mask_id, clip=d.clip, resample=d.resample, generator=self.noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for k, rows in enumerate(self.local_rows):
+            with dist_.sync_gradients(self.engine, k == len(self.local_rows) - 1), autocast(self.device, self.precision):
+                loss = self.engine(x0[rows], None if xt is None else xt[rows], None if t_tok is None else t_tok[rows], d, mask_id)
+            (loss / self.accum).backward()
+            total += loss.detach()
+        loss = self.par.mean(total / self.accum)
+        if not torch.isfinite(loss):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.item(), float("nan")
+        grad_norm = dist_.clip_gradients(list(self.model.parameters()), tcfg.grad_clip)
+        if not torch.isfinite(grad_norm):
+            self.optimizer.zero_grad(set_to_none=True)
+            return loss.item(), float("nan")
+        self.optimizer.step()
+        self.ema.update(self.model)
+        return loss.item(), float(grad_norm)
+
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        opt = self.optimizer.state_dict()
+        """(tensors, counters) of the training state; under FSDP every process takes part and
+        rank 0 alone gets them."""
+        if self.sharded:
+            opt = dist_.full_optimizer_state(self.model, self.optimizer, self.par.main)
+        else:
+            opt = self.optimizer.state_dict()
+        rng = self._rng_states()
+        if not self.par.main:
+            return {}, {}
         tensors = {
             f"optimizer.{idx}.{name}": torch.as_tensor(value)
             for idx, state in opt["state"].items() for name, value in state.items()
         }
-        tensors["rng.torch"] = torch.get_rng_state()
-        tensors["rng.noise"] = self.noise.get_state()
+        tensors.update(rng)
         state = {
             "step": self.step,
             "skipped_steps": self.skipped,
@@ -140,9 +218,31 @@ class Trainer:
         }
         return tensors, state
 
-    def save(self, run: Run) -> Path:
+    def _rng_states(self) -> dict[str, torch.Tensor]:
+        """rng.torch (rng.cuda on CUDA) of every process (rank r > 0 as rng.torch.rank<r>) and
+        the noise generator's state, which all processes share."""
+        own = {"rng.torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            own["rng.cuda"] = torch.cuda.get_rng_state(self.device)
+        states = {}
+        for r, theirs in enumerate(self.par.gather(own)):
+            states.update({k if r == 0 else f"{k}.rank{r}": v for k, v in theirs.items()})
+        states["rng.noise"] = self.noise.get_state()
+        return states
+
+    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(model, EMA) tensors, gathered onto rank 0 under FSDP (every process takes part)."""
+        if not self.sharded:
+            return self.model.state_dict(), self.ema.state_dict()
+        return dist_.full_model_state(self.model, self.par.main), dist_.full_tensors(self.ema.shadow, self.par.main)
+
+    def save(self, run: Run) -> Path | None:
+        """Write a checkpoint (rank 0; the others take part in gathering and get None)."""
+        model, ema = self.weights()
         tensors, state = self.state()
-        return run.save_checkpoint(self.step, self.model.state_dict(), self.ema.state_dict(), tensors, state)
+        if not self.par.main:
+            return None
+        return run.save_checkpoint(self.step, model, ema, tensors, state)
 
     def restore(self, run: Run, ckpt: Path) -> None:
         """Load a checkpoint written by :meth:`save`, strictly."""
@@ -165,21 +265,35 @@ class Trainer:
             for group, s in zip(groups, saved, strict=True):
                 group.update({k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
             self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-            torch.set_rng_state(tensors["rng.torch"])
             self.noise.set_state(tensors["rng.noise"])
             self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
+            self._restore_rng(tensors)
             self.ema.updates = int(state["ema_updates"])
             d = state["data"]
             self.data = Batches(self.data.rows, self.data.batch_size, d["seed"], d["epoch"], d["position"])
         except (KeyError, ValueError, TypeError, RuntimeError) as e:
             raise Bd3Error(f"The training state in {ckpt} is incomplete or corrupted ({e}); it cannot be resumed.") from None
 
+    def _restore_rng(self, tensors: dict[str, torch.Tensor]) -> None:
+        """This process's own torch RNG states; a rank the checkpoint lacks (more processes
+        than wrote it) is seeded from (seed, step, rank)."""
+        rank = self.par.rank
+        suffix = "" if rank == 0 else f".rank{rank}"
+        if f"rng.torch{suffix}" in tensors or rank == 0:
+            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
+        else:
+            torch.manual_seed(dist_.rank_seed(self.cfg.train.seed, self.step, rank))
+        if self.device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
+            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], self.device)
+
     @contextlib.contextmanager
-    def ema_weights(self):
-        """A copy of the model holding the EMA weights (what evaluation and sampling use)."""
+    def ema_weights(self, ema: dict[str, torch.Tensor] | None = None):
+        """A copy of the model holding the EMA weights (what evaluation and sampling use);
+        ``ema``: full EMA tensors (under FSDP, from :meth:`weights`)."""
         with torch.random.fork_rng(devices=[]):  # building it must not move the training RNG
             model = DiT(self.cfg.model, self.cfg.data.vocab_size).to(self.device)
-        model.load_state_dict(self.ema.state_dict())
+        model.attn = self.model.attn
+        model.load_state_dict(self.ema.state_dict() if ema is None else ema)
         yield model
 
 
@@ -193,44 +307,92 @@ def train(
     force: bool = False,
     resume: bool = False,
     console: Console | None = None,
+    attn: str = "auto",
+    compile: bool = False,
+    fsdp: bool = False,
 ) -> dict:
     """Train a model on ``shards`` into the run directory ``out``; return the summary dict.
 
     With ``resume`` the run in ``out`` continues from its newest complete checkpoint (its
-    config.json is authoritative; ``cfg.train.steps`` may extend it).
+    config.json is authoritative; ``cfg.train.steps`` may extend it). ``attn`` (an attention
+    backend, bd3.model.backends), ``compile`` (torch.compile each block) and ``fsdp`` (shard
+    with FSDP2 instead of DDP under torchrun) are runtime choices: they change no result
+    beyond float rounding, and are not saved.
+
+    Under torchrun every process calls this; rank 0 alone writes the run directory, logs and
+    prints, and returns the summary (the others return an empty dict).
     """
-    console = console or Console(stderr=True)
     cfg = fill_data_config(cfg, shards)
-    device = resolve_device(cfg.train.device)
+    par, device = dist_.setup(cfg.train.device, fsdp)
+    try:
+        out = Path(par.broadcast(str(out)))  # rank 0's (a default run name is drawn at random)
+        if not par.main:
+            console = Console(stderr=True, quiet=True)
+        return _train(cfg, shards, out, par, device, init_weights, init_source, force, resume,
+                      console or Console(stderr=True), attn, compile)
+    finally:
+        if par.distributed:
+            dist_.shutdown()
+
+
+def _train(cfg, shards, out, par, device, init_weights, init_source, force, resume, console, attn, compile) -> dict:
+    tcfg = cfg.train
+    global_batch = dist_.resolve_global_batch(tcfg.global_batch_size, tcfg.batch_size, par.world_size, resume)
+    cfg = replace(cfg, train=replace(tcfg, global_batch_size=global_batch))
+    if not resume and dist_.micro_batches(global_batch, tcfg.batch_size, par.world_size)[0] != tcfg.batch_size:
+        raise Bd3Error(
+            f"--global-batch-size {global_batch} is not a multiple of --batch-size {tcfg.batch_size} x "
+            f"{par.world_size} process(es); pass a multiple, or leave it out."
+        )
     precision = resolve_precision(cfg.train.precision, device)
-    trainer = Trainer(cfg, shards, device, precision)
+    trainer = Trainer(cfg, shards, device, precision, resolve_attn(attn, device), compile, par)
     if resume:
         run = Run.open(out)
         if run.config.data.tokenizer_sha256 != cfg.data.tokenizer_sha256:
             raise Bd3Error(f"The data's tokenizer does not match run {run.path}; resume with the run's own data.")
         run.config = cfg
-        run.write_config()
+        _on_main(par, run.write_config)
         ckpt = run.latest_checkpoint()
-        run.remove_partial_checkpoints()
+        _on_main(par, run.remove_partial_checkpoints)
         trainer.restore(run, ckpt)
-        run.truncate_metrics(trainer.step)
+        _on_main(par, lambda: run.truncate_metrics(trainer.step))
         if trainer.step >= cfg.train.steps:
             raise Bd3Error(f"{run.path} already has {trainer.step} of {cfg.train.steps} steps; pass a larger --steps to continue.")
     else:
         if init_weights is not None:
             load_strict(trainer.model, init_weights, init_source)
             trainer.ema = EMA(trainer.model, cfg.train.ema_decay)
-        run = Run.create(out, cfg, shards.tokenizer.to_json(), force=force)
+        run = _on_main(par, lambda: Run.create(out, cfg, shards.tokenizer.to_json(), force=force)) or Run(out, cfg)
+    trainer.distribute()
     _announce(console, run, trainer, resumed=resume)
     with _stop_requests() as stop:
         elapsed = _loop(trainer, run, shards, console, stop)
+    if not par.main:
+        return {}
     return _summarise(trainer, run, shards, console, elapsed)
+
+
+def _on_main(par: Parallel, action):
+    """``action()`` on rank 0 only; its Bd3Error is raised on every process (none waits forever)."""
+    result, error = None, None
+    if par.main:
+        try:
+            result = action()
+        except Bd3Error as e:
+            error = e
+    message = par.broadcast(None if error is None else str(error))
+    if error is not None:
+        raise error
+    if message is not None:
+        raise Bd3Error(message)
+    return result
 
 
 def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, stop: dict) -> float:
     cfg = trainer.cfg
     tcfg = cfg.train
-    tokens_per_step = tcfg.batch_size * cfg.model.length
+    tokens_per_step = trainer.global_batch * cfg.model.length
+    main = trainer.par.main
     start = time.perf_counter()
     window_loss, window_steps, window_start = 0.0, 0, start
     trainer.model.train()
@@ -241,7 +403,8 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
             step = trainer.step
             if not np.isfinite(grad_norm):
                 trainer.skipped += 1
-                run.log({"step": step, "event": "nonfinite", "loss": loss, "skipped_steps": trainer.skipped})
+                if main:
+                    run.log({"step": step, "event": "nonfinite", "loss": loss, "skipped_steps": trainer.skipped})
                 if trainer.skipped > tcfg.skip_nonfinite:
                     last = run.checkpoints()
                     kept = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint was written yet"
@@ -259,40 +422,60 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
                     "grad_norm": grad_norm, "tokens_per_s": window_steps * tokens_per_step / (now - window_start),
                     "elapsed_s": now - start, "tokens": step * tokens_per_step,
                 }
-                run.log(record)
+                if main:
+                    run.log(record)
                 stats = f"loss {record['loss']:.3f}  lr {record['lr']:.2e}  {record['tokens_per_s']:.0f} tok/s"
                 progress.update(task, stats=stats)
                 if not console.is_terminal:
                     console.print(f"step {step}/{tcfg.steps}  {stats}  {record['elapsed_s']:.0f}s")
                 window_loss, window_steps, window_start = 0.0, 0, now
             progress.update(task, completed=step)
+            if trainer.par.distributed:  # a signal that reached one process stops them all, at the same step
+                _agree_on_stop(stop, trainer)
             if stop["signal"]:
                 path = trainer.save(run)
                 name, code = stop["signal"]
+                if path is None:  # not rank 0, which says where it saved
+                    raise Stopped(f"{name} received: process {trainer.par.rank} stopped at step {step}.", code)
                 raise Stopped(f"{name} received: saved {path} at step {step}. Continue with --resume.", code)
             if step == tcfg.steps or (tcfg.save_every and step % tcfg.save_every == 0):
                 _checkpoint(trainer, run, shards)
     return time.perf_counter() - start
 
 
+def _agree_on_stop(stop: dict, trainer: Trainer) -> None:
+    code = trainer.par.max_int(stop["signal"][1] if stop["signal"] else 0, trainer.device)
+    if code and not stop["signal"]:
+        stop["signal"] = ("SIGINT" if code == 130 else "SIGTERM", code)
+
+
 def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
     """Save; score the EMA weights on validation data (and run the clip search if asked);
-    keep best.json and the newest N checkpoints."""
+    keep best.json and the newest N checkpoints. Under torchrun rank 0 validates while the
+    others wait, then tells them the clip interval to train with."""
     path = trainer.save(run)
-    cfg, tcfg = trainer.cfg, trainer.cfg.train
-    valid = shards.rows("valid")
-    with trainer.ema_weights() as model:
-        result = nelbo_perplexity(
-            model, valid, cfg.diffusion, cfg.data.mask_id, batch_size=tcfg.batch_size,
-            max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
-        )
-        if cfg.diffusion.clip_search:
-            _clip_search(trainer, run, model, valid)
-    run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
-    run.record_best(path, trainer.step, result["nelbo"])
-    if tcfg.keep_last:
-        run.prune(tcfg.keep_last)
-    trainer.last_validation = result
+    cfg, tcfg, par = trainer.cfg, trainer.cfg.train, trainer.par
+    ema = dist_.full_tensors(trainer.ema.shadow, par.main) if trainer.sharded else None
+
+    def validate() -> None:
+        valid = shards.rows("valid")
+        with trainer.ema_weights(ema) as model:
+            result = nelbo_perplexity(
+                model, valid, cfg.diffusion, cfg.data.mask_id, batch_size=tcfg.batch_size,
+                max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
+            )
+            if cfg.diffusion.clip_search:
+                _clip_search(trainer, run, model, valid)
+        run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
+        run.record_best(path, trainer.step, result["nelbo"])
+        if tcfg.keep_last:
+            run.prune(tcfg.keep_last)
+        trainer.last_validation = result
+
+    _on_main(par, validate)  # an error on rank 0 reaches every process
+    clip = par.broadcast(list(trainer.cfg.diffusion.clip) if par.main else None)
+    if not par.main:
+        trainer.cfg = replace(cfg, diffusion=replace(cfg.diffusion, clip=tuple(clip)))
 
 
 def _clip_search(trainer: Trainer, run: Run, model, valid: np.ndarray) -> None:
@@ -344,8 +527,17 @@ def _announce(console: Console, run: Run, trainer: Trainer, resumed: bool) -> No
     console.print(
         f"[bold]bd3 {verb}[/] -> {run.path}  {d.algo}, block size {d.block_size}, clip {list(d.clip)}, "
         f"{n_params / 1e6:.1f}M parameters, {len(trainer.data.rows)} train rows x {cfg.model.length} tokens, "
-        f"{trainer.device} {trainer.precision}"
+        f"{trainer.device} {trainer.precision}, attention {trainer.model.attn}{_split(trainer)}"
     )
+
+
+def _split(trainer: Trainer) -> str:
+    """How a step is split, when it is: ``, 2 processes (DDP) x 2 micro-batches of 4 = 16 rows per step``."""
+    if trainer.engine is None:
+        return ""
+    par = trainer.par
+    engine = f"{par.world_size} processes ({'FSDP2' if par.fsdp else 'DDP'}) x " if par.distributed else ""
+    return f", {engine}{trainer.accum} micro-batch(es) of {trainer.micro} = {trainer.global_batch} rows per step"
 
 
 @contextlib.contextmanager
@@ -374,5 +566,5 @@ def _progress(console: Console) -> Progress:
     return Progress(
         TextColumn("[bold]step"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[stats]}"),
         TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=False,
-        disable=not console.is_terminal,
+        disable=not console.is_terminal or console.quiet,
     )
