@@ -201,6 +201,8 @@ def test_hf_judge_errors_are_fast_one_liners(tmp_path, monkeypatch, capsys):
 
     assert main(["eval", "--samples", "s.jsonl", "--judge", str(tmp_path / "no-such-run"), "--device", "cpu"]) == 1
     assert "does not exist" in capsys.readouterr().err
+    assert main(["eval", "--samples", "s.jsonl", "--passes", "3", "--device", "cpu"]) == 2  # a split's option: refused
+    assert "--passes" in capsys.readouterr().err
 
 
 # -- end to end: train each algorithm for a few steps, evaluate it ------------------------

@@ -14,7 +14,7 @@ from bd3.cli.common import err, load_model, open_run, print_table, run_shards, r
 from bd3.config import FULL_CLIP, VARIANCES, RunConfig
 from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
-from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples, sample_documents
+from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
@@ -22,6 +22,7 @@ from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device, resolve_precision
 from bd3.sampling.block import Decoding
 from bd3.sampling.generate import generate
+from bd3.sampling.text import sample_documents
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
@@ -95,6 +96,10 @@ def evaluate(
     if gen_ppl or samples is not None:
         if zero_shot:
             raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
+        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--passes", passes, 1),
+                                     ("--data", data, None), ("--max-batches", max_batches, None), ("--compile", compile_, False)):
+            if value != default:
+                raise typer.BadParameter("applies to the perplexity of a split, not to --gen-ppl.", param_hint=name)
         o.check_stop(stop)
         decoding = Decoding(rule=o.sampling_rule(sampler, steps, threshold), steps=steps, threshold=0.9 if threshold is None else threshold,
                             top_p=top_p, temperature=temperature, stop=stop)

@@ -37,7 +37,7 @@ from bd3.data.sources import HUB_HOST, hub_reachable
 from bd3.errors import Bd3Error
 from bd3.runtime import autocast
 from bd3.sampling.block import unigram_entropy
-from bd3.sampling.text import render
+from bd3.sampling.text import render, sample_documents
 
 MAX_WINDOW = 1024  # the reference's eval_context_size for a HuggingFace judge
 
@@ -69,22 +69,6 @@ class GenSample:
 
 
 # -- the pure parts ------------------------------------------------------------------------
-
-
-def sample_documents(ids: Sequence[int], tokenizer) -> list[str]:
-    """The documents of a sample's token ids: split at EOS, the leading BOS dropped, each decoded."""
-    ids = list(ids)
-    if ids and ids[0] == tokenizer.bos_id:
-        ids = ids[1:]
-    documents, current = [], []
-    for i in ids:
-        if i == tokenizer.eos_id:
-            documents.append(current)
-            current = []
-        else:
-            current.append(i)
-    documents.append(current)
-    return [tokenizer.decode(d) for d in documents]
 
 
 def judge_ids(judge: Judge, documents: Sequence[str]) -> list[int]:

@@ -15,19 +15,26 @@ from typing import TextIO
 SEPARATOR = "\n" + "=" * 80 + "\n\n"
 
 
-def render(ids: Sequence[int], tokenizer) -> str:
-    """Decode a sample: the leading BOS dropped, each end-of-text token shown as a blank line."""
+def sample_documents(ids: Sequence[int], tokenizer) -> list[str]:
+    """The documents of a sample's token ids: split at each end-of-text token, the leading
+    BOS dropped, each decoded."""
+    ids = list(ids)
     if ids and ids[0] == tokenizer.bos_id:
         ids = ids[1:]
-    segments, current = [], []
+    documents, current = [], []
     for i in ids:
         if i == tokenizer.eos_id:
-            segments.append(current)
+            documents.append(current)
             current = []
         else:
             current.append(i)
-    segments.append(current)
-    return "\n\n".join(tokenizer.decode(s).strip() for s in segments)
+    documents.append(current)
+    return [tokenizer.decode(d) for d in documents]
+
+
+def render(ids: Sequence[int], tokenizer) -> str:
+    """Decode a sample: the leading BOS dropped, each end-of-text token shown as a blank line."""
+    return "\n\n".join(d.strip() for d in sample_documents(ids, tokenizer))
 
 
 class TextStream:

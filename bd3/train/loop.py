@@ -134,63 +134,45 @@ class Trainer:
     def train_step(self) -> tuple[float, float]:
         """One optimiser step; returns (loss, gradient norm). A non-finite loss or gradient
         leaves the weights untouched."""
-        if self.engine is not None:
-            return self._split_step()
-        tcfg = self.cfg.train
         self.step += 1
-        lr = lr_at(self.step - 1, tcfg)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr_at(self.step - 1, self.cfg.train)
         x0 = self.data.next().to(self.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self._backward(x0) if self.engine is None else self._split_backward(x0)
+        if torch.isfinite(loss):
+            grad_norm = dist_.clip_gradients(list(self.model.parameters()), self.cfg.train.grad_clip)
+            if torch.isfinite(grad_norm):
+                self.optimizer.step()
+                self.ema.update(self.model)
+                return loss.item(), float(grad_norm)
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss.item(), float("nan")
+
+    def _backward(self, x0: torch.Tensor) -> torch.Tensor:
+        """The batch's loss, and its gradients when it is finite (one process, one batch)."""
         with autocast(self.device, self.precision):
             loss = diffusion_loss(self.model, x0, self.cfg.diffusion, self.cfg.data.mask_id, generator=self.noise).mean
-        self.optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
-            return loss.item(), float("nan")
-        loss.backward()
-        if tcfg.grad_clip > 0:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tcfg.grad_clip)
-        else:
-            grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()]))
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), float("nan")
-        self.optimizer.step()
-        self.ema.update(self.model)
-        return loss.item(), float(grad_norm)
+        if torch.isfinite(loss):
+            loss.backward()
+        return loss.detach()
 
-    def _split_step(self) -> tuple[float, float]:
-        """:meth:`train_step` with the global batch split over processes and micro-batches.
+    def _split_backward(self, x0: torch.Tensor) -> torch.Tensor:
+        """:meth:`_backward` with the global batch split over processes and micro-batches.
         Every process draws the global batch and its noise (the same generator state
         everywhere), then computes its own rows; the loss and gradient are global means."""
-        tcfg, d, mask_id = self.cfg.train, self.cfg.diffusion, self.cfg.data.mask_id
-        self.step += 1
-        lr = lr_at(self.step - 1, tcfg)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        x0 = self.data.next().to(self.device)
+        d, mask_id = self.cfg.diffusion, self.cfg.data.mask_id
         xt = t_tok = None
         if d.algo != "ar":
             with autocast(self.device, self.precision):
                 t_tok, xt = draw_noise(x0, d, mask_id, clip=d.clip, resample=d.resample, generator=self.noise)
-        self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
         for k, rows in enumerate(self.local_rows):
             with dist_.sync_gradients(self.engine, k == len(self.local_rows) - 1), autocast(self.device, self.precision):
                 loss = self.engine(x0[rows], None if xt is None else xt[rows], None if t_tok is None else t_tok[rows], d, mask_id)
             (loss / self.accum).backward()
             total += loss.detach()
-        loss = self.par.mean(total / self.accum)
-        if not torch.isfinite(loss):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), float("nan")
-        grad_norm = dist_.clip_gradients(list(self.model.parameters()), tcfg.grad_clip)
-        if not torch.isfinite(grad_norm):
-            self.optimizer.zero_grad(set_to_none=True)
-            return loss.item(), float("nan")
-        self.optimizer.step()
-        self.ema.update(self.model)
-        return loss.item(), float(grad_norm)
+        return self.par.mean(total / self.accum)
 
     # -- checkpoints --------------------------------------------------------------------
     def state(self) -> tuple[dict[str, torch.Tensor], dict]:
