@@ -20,7 +20,6 @@ from bd3.evaluate.variance import nelbo_variance
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
 from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device, resolve_precision
-from bd3.sampling.block import Decoding
 from bd3.sampling.generate import generate
 from bd3.sampling.text import sample_documents
 
@@ -101,11 +100,10 @@ def evaluate(
             if value != default:
                 raise typer.BadParameter("applies to the perplexity of a split, not to --gen-ppl.", param_hint=name)
         o.check_stop(stop)
-        decoding = Decoding(rule=o.sampling_rule(sampler, steps, threshold), steps=steps, threshold=0.9 if threshold is None else threshold,
-                            top_p=top_p, temperature=temperature, stop=stop)
+        o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
+        sampling = {"sampler": sampler, "steps": steps, "threshold": threshold, "top_p": top_p, "temperature": temperature, "stop": stop}
         _generative_perplexity(
-            run, judge, samples, decoding, block_size=block_size, sampler=sampler, steps=steps, threshold=threshold,
-            num_samples=num_samples, batch_size=batch_size,
+            run, judge, samples, sampling, block_size=block_size, num_samples=num_samples, batch_size=batch_size,
             max_tokens=max_tokens, kv_cache=kv_cache, seed=seed, threads=threads, device=device, precision=precision, attn=attn,
             json_=json_,
         )
@@ -230,7 +228,7 @@ GEN_PPL_ROWS = (
 )
 
 
-def _generative_perplexity(run, judge, samples, decoding, *, block_size, sampler, steps, threshold, num_samples, batch_size,
+def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, num_samples, batch_size,
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
     dev = resolve_device(device)
@@ -239,8 +237,8 @@ def _generative_perplexity(run, judge, samples, decoding, *, block_size, sampler
         source = str(samples)
     else:
         r = open_run(run)
-        bs = o.sampling_block_size(r, block_size, sampler, steps, threshold)
-        decoding = replace(decoding, top_p=o.top_p_for(r, decoding.top_p))
+        bs = o.sampling_block_size(r, block_size, sampling["sampler"], sampling["steps"], sampling["threshold"])
+        decoding = o.decoding(r, **sampling)
         source = str(r.path)
     scorer = _judge(judge, dev, resolve_precision(precision, dev))  # before generating: it fails fast where sampling takes long
     if samples is None:

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.model.backends import ATTN_BACKENDS
-from bd3.sampling.block import RULES, STOPS
+from bd3.sampling.block import RULES, STOPS, Decoding
 
 RunArg = Annotated[
     Optional[Path],
@@ -148,6 +148,13 @@ def sampling_rule(sampler: str | None, steps: int | None, threshold: float | Non
         name = "--steps" if steps is not None else "--threshold"
         raise typer.BadParameter(f"applies to --sampler {implied}, not {sampler}.", param_hint=name)
     return sampler or implied or "first-hitting"
+
+
+def decoding(run, *, sampler: str | None, steps: int | None, threshold: float | None, top_p: float | None,
+             temperature: float, stop: str) -> Decoding:
+    """The sampling options as a :class:`Decoding` for ``run`` (checked; top-p defaults by algorithm)."""
+    return Decoding(rule=sampling_rule(sampler, steps, threshold), steps=steps, threshold=0.9 if threshold is None else threshold,
+                    top_p=top_p_for(run, top_p), temperature=temperature, stop=check_stop(stop))
 
 
 def check_stop(stop: str) -> str:

@@ -15,7 +15,7 @@ from bd3.cli.common import err, load_model, open_run, run_tokenizer
 from bd3.errors import Bd3Error
 from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device
-from bd3.sampling.block import ENTROPY_WINDOW, Decoding
+from bd3.sampling.block import ENTROPY_WINDOW
 from bd3.sampling.generate import generate
 from bd3.sampling.text import SampleWriter
 
@@ -59,7 +59,7 @@ def sample(
     if format_ not in FORMATS:
         raise typer.BadParameter(f"{format_!r} is not one of {', '.join(FORMATS)}.", param_hint="--format")
     o.check_stop(stop)
-    rule = o.sampling_rule(sampler, steps, threshold)
+    rule = o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both.", param_hint="--prompt-file")
     r = open_run(run)
@@ -79,8 +79,7 @@ def sample(
         raise typer.BadParameter(
             f"{max_tokens} leaves no room after the prompt's {len(ids)} tokens (BOS included).", param_hint="--max-tokens"
         )
-    decoding = Decoding(rule=rule, steps=steps, threshold=0.9 if threshold is None else threshold, top_p=o.top_p_for(r, top_p),
-                        temperature=temperature, stop=stop)
+    decoding = o.decoding(r, sampler=sampler, steps=steps, threshold=threshold, top_p=top_p, temperature=temperature, stop=stop)
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev))
     batch_size = min(batch_size or num_samples, num_samples)
