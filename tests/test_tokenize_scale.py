@@ -13,6 +13,7 @@ from bd3.cli.main import main
 from bd3.data import sources
 from bd3.data.shards import TokenShards, tokenize
 from bd3.data.sources import HubSet, iter_documents, last_documents_split
+from bd3.errors import Bd3Error
 
 TOKENIZER = str(Path(shards.__file__).parent / "tokenizers" / "web-bpe" / "tokenizer.json")
 
@@ -67,3 +68,14 @@ def test_owt_offline_is_a_fast_clear_error(tmp_path, monkeypatch, capsys):
     assert code == 1 and time.perf_counter() - start < 10.0  # no retries (the hub client's would take 20 s and more)
     err = capsys.readouterr().err
     assert "Skylion007/openwebtext" in err and "unreachable" in err and "--data path/to/" in err
+
+
+def test_a_script_based_hub_set_names_the_way_out(monkeypatch):
+    import datasets
+
+    def scripted(*args, **kwargs):
+        raise RuntimeError("Dataset scripts are no longer supported, but found openwebtext.py")
+
+    monkeypatch.setattr(datasets, "load_dataset", scripted)
+    with pytest.raises(Bd3Error, match=r"loading script.*pip install 'datasets<4'.*--data"):
+        sources._load_hub_split("owt", sources.HUB_SETS["owt"], "train", offline=False)

@@ -410,9 +410,10 @@ def _load_hub_split(name: str, hub: HubSet, part: str, offline: bool) -> Any:
         where = "failed to load"
         if offline:
             where = "is not in the local HF cache (HF_HUB_OFFLINE is set)"
-        raise Bd3Error(
-            f"hub set {name!r} ({hub.path}, split {part}) {where}: {exc}; {OFFLINE_ALTERNATIVES}"
-        ) from exc
+        hint = OFFLINE_ALTERNATIVES
+        if "scripts are no longer supported" in str(exc):
+            hint = f"the set still ships a loading script, which datasets >= 4 does not run: pip install 'datasets<4', or {OFFLINE_ALTERNATIVES}"
+        raise Bd3Error(f"hub set {name!r} ({hub.path}, split {part}) {where}: {exc}; {hint}") from exc
 
 
 def _hub_texts(datasets: list[Any], field: str) -> Iterator[str]:
