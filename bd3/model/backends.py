@@ -283,6 +283,8 @@ def attend_with(backend: str, q, k, v, mask: torch.Tensor | None, is_causal: boo
     """flex or xformers attention (the caller handles sdpa)."""
     if backend == "flex":
         if mask is None or mask.dtype != torch.bool:  # nothing to make sparse: SDPA's flash kernels
+            if mask is not None and mask.shape[-2] != q.shape[2]:
+                mask = mask[..., : q.shape[2], :]  # queries for a prefix of the positions
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
         return flex(q, k, v, mask)
     if backend == "xformers":

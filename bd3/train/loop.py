@@ -218,9 +218,10 @@ class Trainer:
             return self.model.state_dict(), self.ema.state_dict()
         return dist_.full_model_state(self.model, self.par.main), dist_.full_tensors(self.ema.shadow, self.par.main)
 
-    def save(self, run: Run) -> Path | None:
-        """Write a checkpoint (rank 0; the others take part in gathering and get None)."""
-        model, ema = self.weights()
+    def save(self, run: Run, weights: tuple[dict, dict] | None = None) -> Path | None:
+        """Write a checkpoint (rank 0; the others take part in gathering and get None);
+        ``weights``: what :meth:`weights` returned, if the caller has it already."""
+        model, ema = weights or self.weights()
         tensors, state = self.state()
         if not self.par.main:
             return None
@@ -435,9 +436,10 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
     """Save; score the EMA weights on validation data (and run the clip search if asked);
     keep best.json and the newest N checkpoints. Under torchrun rank 0 validates while the
     others wait, then tells them the clip interval to train with."""
-    path = trainer.save(run)
+    weights = trainer.weights()  # gathered once under FSDP: for the checkpoint and the validation
+    path = trainer.save(run, weights)
     cfg, tcfg, par = trainer.cfg, trainer.cfg.train, trainer.par
-    ema = dist_.full_tensors(trainer.ema.shadow, par.main) if trainer.sharded else None
+    ema = weights[1] if trainer.sharded else None
 
     def validate() -> None:
         valid = shards.rows("valid")
