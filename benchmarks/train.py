@@ -4,7 +4,7 @@
     python benchmarks/train.py --configs all              # + tiny at L=1024 (minutes per step)
     python benchmarks/train.py --configs tiny-128-4 --precision fp32
     python benchmarks/train.py --configs tiny-128-4 --profile 25    # torch.profiler's top ops
-    python benchmarks/train.py --fused-adamw              # AdamW(fused=True) instead of the loop's
+    python benchmarks/train.py --foreach-adamw            # AdamW(foreach=True) instead of the loop's fused
 
 Configurations: ``tiny-128-4``, ``tiny-128-16``, ``tiny-1024-4``, ``tiny-1024-16`` (the
 reference's ``tiny``: width 256, 8 layers, 8 heads, cond 64, dropout 0.1, with the GPT-2
@@ -14,7 +14,7 @@ Batch 16 throughout, 2 threads (``--threads``), random tokens.
 
 Each configuration runs in its own process, so its peak RSS is its own, and times the step of
 ``bd3.train.loop.train`` built from bd3's pieces: autocast forward + loss (``diffusion_loss``),
-``zero_grad``, backward, ``clip_grad_norm_(1.0)``, ``AdamW(foreach=True).step()``,
+``zero_grad``, backward, ``clip_grad_norm_(1.0)``, ``AdamW(fused=True).step()``,
 ``EMA.update``, ``loss.item()``. Tokens/s = B * L / the median step time over ``--steps``
 steps after ``--warmup``. The 2048^3 matmul peak (fp32 and bf16) is measured in the same run,
 and the load average is printed with each row: on a 2-core machine anything else running
@@ -136,7 +136,7 @@ def run_one(name: str, args) -> dict:
     torch.manual_seed(tcfg.seed)
     model = DiT(mcfg, V).to(device)
     model.train()
-    kind = {"fused": True} if args.fused_adamw else {"foreach": True}
+    kind = {"foreach": True} if args.foreach_adamw else {"fused": True}
     optimizer = torch.optim.AdamW(model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, **kind)
     ema = EMA(model, tcfg.ema_decay)
     noise = torch.Generator(device=device).manual_seed(tcfg.seed)
@@ -201,7 +201,7 @@ def run_one(name: str, args) -> dict:
     flops = step_flops(mcfg.hidden_dim, mcfg.n_layers, V, BATCH, L, bs, masked, legacy)
     return {
         "config": name, "size": size, "L": L, "block": bs, "V": V, "batch": BATCH, "precision": precision,
-        "adamw": "fused" if args.fused_adamw else "foreach", "threads": args.threads, "legacy": legacy,
+        "adamw": "foreach" if args.foreach_adamw else "fused", "threads": args.threads, "legacy": legacy,
         "step_s": med["step"], "min_s": min(t["step"] for t in timings), "max_s": max(t["step"] for t in timings),
         "fwd_s": med["fwd"], "bwd_s": med["bwd"], "opt_s": med["opt"], "ema_s": med["ema"], "cpu_s": med["cpu"],
         "tokens_per_s": BATCH * L / med["step"], "masked": masked,
@@ -227,7 +227,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--fused-adamw", action="store_true", help="AdamW(fused=True) instead of foreach=True")
+    p.add_argument("--foreach-adamw", action="store_true", help="AdamW(foreach=True) instead of the loop's fused=True")
     p.add_argument("--profile", type=int, default=0, help="print torch.profiler's top N operators")
     p.add_argument("--json", help="append one JSON line per configuration to this file")
     p.add_argument("--one", help=argparse.SUPPRESS)
@@ -248,13 +248,13 @@ def main() -> None:
     for name in names:
         cmd = [sys.executable, os.path.abspath(__file__), "--one", name, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--precision", args.precision, "--threads", str(args.threads), "--profile", str(args.profile)]
-        if args.fused_adamw:
-            cmd.append("--fused-adamw")
+        if args.foreach_adamw:
+            cmd.append("--foreach-adamw")
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["peak_fp32_gflop_s"], r["peak_bf16_gflop_s"] = peaks["fp32"], peaks["bf16"]
         print(
-            f"| {name}{' (before)' if r['legacy'] else ''} | {r['precision']}{', fused AdamW' if args.fused_adamw else ''} "
+            f"| {name}{' (before)' if r['legacy'] else ''} | {r['precision']}{', foreach AdamW' if args.foreach_adamw else ''} "
             f"| {r['step_s']:.3f} ({r['min_s']:.3f}-{r['max_s']:.3f}) | {r['tokens_per_s']:.0f} "
             f"| {r['fwd_s']:.3f} / {r['bwd_s']:.3f} / {r['opt_s']:.3f} / {r['ema_s']:.3f} "
             f"| {r['gflop_step']:.0f} ({r['gflop_linear']:.0f} / {r['gflop_attention']:.0f} / {r['gflop_output']:.0f}) "
