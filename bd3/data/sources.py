@@ -186,11 +186,6 @@ def resolve_files(data: str) -> list[Path]:
     return sorted(p.resolve() for p in paths)
 
 
-def split_paragraphs(text: str) -> list[str]:
-    """Blank-line separated paragraphs of ``text``, stripped, empty ones dropped."""
-    return _paragraphs(text)
-
-
 # ----------------------------------------------------------------------------- splitting
 
 

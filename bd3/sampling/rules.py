@@ -95,18 +95,3 @@ def draw(
 def confidence(w: torch.Tensor) -> torch.Tensor:
     """The largest probability of each row of ``w`` (N, V) from :func:`subs_weights`."""
     return 1.0 / w.sum(-1, dtype=torch.float64)
-
-
-# -- kept for the reference-style samplers and tests ----------------------------------
-
-
-def sample_categorical(probs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Exponential race in the probabilities' dtype: argmax p / E with E ~ Exp(1)."""
-    e = torch.empty_like(probs).exponential_(generator=generator)
-    return (probs / e).argmax(-1)
-
-
-def token_probs(logits: torch.Tensor, mask_id: int, temperature: float, top_p: float) -> torch.Tensor:
-    """float64 probabilities of p_theta(x0 | .) with the mask token removed (SUBS), after
-    temperature and nucleus filtering."""
-    return nucleus(subs_weights(logits, mask_id, temperature), top_p)
