@@ -20,6 +20,9 @@ median of ``--repeats`` runs after one short warm-up; ``NFE/token`` is model cal
 generated token per sample (1 for first-hitting), ``passes/token`` backbone passes per
 generated token of the batch (batching shares a pass between rows).
 
+``--precision fp32 bf16`` (both by default) builds the engine as ``bd3 sample --precision``
+does.
+
 Uncached (``--cache off``): every call recomputes the context (up to L - block tokens) and
 the block. With ``--uncached estimate`` (the default) it is timed on ``--points`` blocks at
 evenly spaced context lengths (a prompt of that length puts the block there) and the time
@@ -75,7 +78,7 @@ class Counting:
         return getattr(self.engine, name)
 
 
-def build(name: str) -> tuple[Counting, ModelConfig, int]:
+def build(name: str, precision: str = "fp32") -> tuple[Counting, ModelConfig, int]:
     make, vocab = MODELS[name]
     cfg = make()
     model = DiT(cfg, vocab).eval()
@@ -83,7 +86,7 @@ def build(name: str) -> tuple[Counting, ModelConfig, int]:
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return Counting(Engine(model)), cfg, vocab
+    return Counting(Engine(model, precision)), cfg, vocab
 
 
 THREADS = None  # --threads
@@ -140,6 +143,8 @@ def main() -> None:
     ap.add_argument("--blocks", nargs="+", type=int, default=[4, 16])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--cache", nargs="+", default=["on", "off"], choices=["on", "off"])
+    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                    help="The sampler's precision (bd3 sample --precision; auto is bf16 on CPUs with native bf16).")
     ap.add_argument("--rule", default="first-hitting", choices=["first-hitting", "ddpm", "threshold"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--uncached", default="estimate", choices=["estimate", "full"])
@@ -152,10 +157,11 @@ def main() -> None:
     THREADS = args.threads
     print(f"torch {torch.__version__}, threads {args.threads or 'auto'} (torch: {torch.get_num_threads()}), "
           f"{os.cpu_count()} CPUs, rule {args.rule}")
-    print("| model | tokens | block | batch | KV cache | tok/s (median, min-max) | NFE/token | passes/token | ms/pass | cached / uncached | load |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in args.models:
-        engine, cfg, vocab = build(name)
+    print("| model | precision | tokens | block | batch | KV cache | tok/s (median, min-max) | NFE/token | passes/token | ms/pass "
+          "| cached / uncached | load |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, precision in [(n, p) for n in args.models for p in args.precision]:
+        engine, cfg, vocab = build(name, precision)
         run(engine, cfg, vocab, tokens=64, block=16, batch=1, cache=True, rule=args.rule, seed=99)  # warm-up
         for tokens in args.tokens:
             for block in args.blocks:
@@ -183,7 +189,7 @@ def main() -> None:
                             label = f"{rates[0]:.1f} (estimate)"
                         speed[cache] = statistics.median(rates)
                         ratio = f"{speed['on'] / speed['off']:.1f}x" if len(speed) == 2 else ""
-                        print(f"| {name} (L={cfg.length}, V={vocab}) | {tokens} | {block} | {batch} | {cache} | {label} | "
+                        print(f"| {name} (L={cfg.length}, V={vocab}) | {precision} | {tokens} | {block} | {batch} | {cache} | {label} | "
                               f"{nfe:.2f} | {passes:.3f} | {ms:.1f} | {ratio} | {loadavg()} |", flush=True)
 
 

@@ -79,6 +79,72 @@ def test_engine_equals_the_model(tiny_model):
     torch.testing.assert_close(got, want.gather(1, query[:, :, None].expand(-1, -1, V)), atol=1e-5, rtol=0)
 
 
+def test_engine_single_row_output_layer(tiny_model):
+    """One row takes the split-vocabulary product (V = 40 here, even; 41 pads): the same logits."""
+    for vocab in (40, 41):
+        model = randomize(DiT(tiny_model.cfg, vocab_size=vocab))
+        engine = Engine(model)
+        x = torch.randint(0, vocab - 1, (1, 16), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            h, c = model.hidden_states(x)
+            want = model.logits(h[:, 5], c)
+        got = engine.logits(engine.hidden(x, query=torch.tensor([[5]]))[:, 0])
+        assert got.shape == (1, vocab)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("rows", [1, 3, 16, 40])
+def test_linear_packed_equals_addmm(rows):
+    """The engine's oneDNN-packed linear (where torch has it) against plain addmm, with the
+    fused GELU and residual: float32 rounding apart, equal; bf16 to bf16 rounding."""
+    from bd3.sampling.engine import Linear, _onednn
+
+    g = torch.Generator().manual_seed(rows)
+    w, b = torch.randn(24, 8, generator=g), torch.randn(24, generator=g)
+    x, res = torch.randn(rows, 8, generator=g), torch.randn(rows, 24, generator=g)
+    want = {"plain": x @ w.t() + b, "gelu": torch.nn.functional.gelu(x @ w.t() + b, approximate="tanh"), "residual": res + x @ w.t() + b}
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
+        for packed in sorted({False, _onednn(torch.device("cpu"), dtype)}):
+            lin = Linear(w.to(dtype), b.to(dtype), packed)
+            xd = x.to(dtype)
+            got = {"plain": lin(xd), "gelu": lin(xd, gelu=True), "residual": lin(xd, residual=res)}
+            assert got["residual"].dtype == torch.float32  # a float32 residual stays float32
+            for k in want:
+                torch.testing.assert_close(got[k].float(), want[k], atol=tol, rtol=tol / 10, msg=f"{dtype} packed={packed} {k}")
+
+
+def test_bf16_engine_is_the_model_under_autocast(tiny_model):
+    """precision="bf16": the logits of the model under bf16 autocast, to bf16 rounding;
+    cached == recomputed still holds to that rounding; float32 stays exact."""
+    engine = Engine(tiny_model, "bf16")
+    assert engine.compute == torch.bfloat16 and engine.new_cache(1).k.dtype == torch.float32  # attention in float32
+    x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        h, c = tiny_model.hidden_states(x)
+        exact = tiny_model.logits(h, c)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            h, c = tiny_model.hidden_states(x)
+            auto = tiny_model.logits(h, c).float()
+    got = engine.logits(engine.hidden(x))
+    assert got.dtype == torch.float32
+    scale = exact.abs().max()
+    assert (auto - exact).abs().max() > 1e-3 * scale  # bf16 really changes the numbers at this size
+    torch.testing.assert_close(got, auto, atol=0.015 * scale, rtol=0)
+    torch.testing.assert_close(got, exact, atol=0.015 * scale, rtol=0)
+    B, L, bs = 2, 16, 4
+    cached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=True)
+    uncached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=False)
+    rows, pos = torch.arange(B).repeat_interleave(bs), torch.arange(bs).repeat(B)
+    for s in range(0, L, bs):
+        noisy = x[:, s : s + bs].clone()
+        noisy[:, 1::2] = MASK
+        torch.testing.assert_close(cached(noisy, s, rows, pos), uncached(noisy, s, rows, pos), atol=0.015 * scale, rtol=0)
+        cached.commit(x[:, s : s + bs], s)
+        uncached.commit(x[:, s : s + bs], s)
+    with pytest.raises(ValueError, match="precision"):
+        Engine(tiny_model, "fp16")
+
+
 def test_engine_ar_cache_equals_causal_pass():
     model = randomize(DiT(ModelConfig(hidden_dim=32, n_heads=2, n_layers=2, cond_dim=16, length=16, causal=True), V))
     engine = Engine(model)
@@ -463,6 +529,21 @@ def test_cli_ar_and_mdlm_runs(runs, capsys, algo):
     assert ("token by token" if algo == "ar" else "block 32") in err
 
 
+@pytest.mark.parametrize("algo", ["bd3lm", "ar", "mdlm"])
+def test_cli_bf16_sampling(runs, capsys, monkeypatch, algo):
+    """--precision bf16 reaches the engine for every kind of run and samples whole outputs
+    (its numerics: test_bf16_engine_is_the_model_under_autocast)."""
+    import bd3.sampling.denoiser as denoiser
+
+    built = []
+    monkeypatch.setattr(denoiser, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    code, out, err = bd3(capsys, "sample", runs[algo], "--max-tokens", 40, "--num-samples", 2, "--format", "jsonl",
+                         "--device", "cpu", "--precision", "bf16")
+    assert code == 0, err
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert built == ["bf16"] and [len(r["tokens"]) for r in rows] == [40, 40]
+
+
 @pytest.mark.parametrize(
     "args,code,needle",
     [
@@ -476,6 +557,7 @@ def test_cli_ar_and_mdlm_runs(runs, capsys, algo):
         (["--prompt", "word " * 40], 1, "shorter than the model's context"),
         (["--prompt", "one two three", "--max-tokens", "3"], 2, "--max-tokens"),
         (["--block-size", "5"], 2, "divide"),
+        (["--precision", "fp16"], 2, "--precision"),
     ],
 )
 def test_cli_bad_options_are_one_line(runs, capsys, args, code, needle, tmp_path, monkeypatch):
@@ -519,15 +601,22 @@ def test_thread_tuner_keeps_the_faster_setting_and_backs_off_when_busy():
     from collections import deque
 
     t.max, t.fixed, t.active, t.load, t.times = 2, None, 1, FakeLoad(), {1: deque(maxlen=8), 2: deque(maxlen=8)}
+    t.load.busy, t.next_check = 1.0, 0.0
+    assert t._threads() == 1 and t.active == 1  # the first look finds the other core busy: one thread
+    t.load.busy, t.checked, t.next_check = 0.0, False, 0.0
+    assert t._threads() == 2 and t.active == 2 and t.switches == 1  # free at the first look: both threads at once
+    t.active, t.switches = 1, 0  # from one thread, the measuring:
     t.next_probe = t.next_check = 0.0
     for _ in range(3):
         t._record(1, 0.010)
     assert t._threads() == 2 and t.probing == []  # a probe with two threads
+    t._record(2, 0.040)  # its first call wakes the thread pool: not timed
     for _ in range(3):
         t._record(2, 0.005)
     assert t.active == 2 and t.probing is None and t.switches == 1
     t.next_probe = 0.0
     assert t._threads() == 1  # probing one thread again later
+    t._record(1, 0.050)  # the untimed first call
     t._record(1, 0.050)  # far slower: the probe stops at once and the next waits
     assert t.active == 2 and t.probing is None and t.next_probe > 0
     t.load.busy, t.next_check = 1.0, 0.0  # another process took the other core

@@ -68,7 +68,7 @@ def evaluate(
     max_batches: MaxBatches = None,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 (default, exact) or bf16.")] = "fp32",
+    precision: Annotated[str, typer.Option(help="fp32 (default, exact) or bf16; with --gen-ppl, for the judge and the sampler.")] = "fp32",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     json_: o.Json = False,
@@ -240,12 +240,13 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
         bs = o.sampling_block_size(r, block_size, sampling["sampler"], sampling["steps"], sampling["threshold"])
         decoding = o.decoding(r, **sampling)
         source = str(r.path)
-    scorer = _judge(judge, dev, resolve_precision(precision, dev))  # before generating: it fails fast where sampling takes long
+    precision = resolve_precision(precision, dev)
+    scorer = _judge(judge, dev, precision)  # before generating: it fails fast where sampling takes long
     if samples is None:
         model = configure_model(load_model(r, dev), resolve_attn(attn, dev))
         out = generate(model, r.config, num_samples=num_samples, batch_size=min(batch_size, num_samples),
                        max_tokens=max_tokens or r.config.model.length, block_size=bs, decoding=decoding, kv_cache=kv_cache,
-                       seed=seed, threads=threads)
+                       seed=seed, precision=precision, threads=threads)
         tok = run_tokenizer(r)
         items = [GenSample(sample_documents(s.tokens, tok), s.nfe, s.new_tokens) for s in out]
     result = {"samples_from": source, **generative_perplexity(items, scorer)}

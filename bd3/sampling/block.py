@@ -268,7 +268,7 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
 
     def call(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = den(blk, start, rows, pos)
-        nfe[torch.unique(rows).cpu()] += 1
+        nfe.add_(torch.bincount(rows.cpu(), minlength=nfe.numel()).clamp_max_(1))  # once per row that took part
         return subs_weights(logits, mask_id, dec.temperature)
 
     def sample(w: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:

@@ -32,6 +32,7 @@ from collections.abc import Callable
 import torch
 
 from bd3.diffusion.masks import block_causal_mask
+from bd3.runtime import autocast
 from bd3.sampling.engine import Engine
 from bd3.sampling.threads import ThreadTuner
 
@@ -55,10 +56,12 @@ class FunctionDenoiser:
 
 class ModelBackend:
     """``DiT.hidden_states`` / ``DiT.logits`` behind the engine's interface (the reference
-    path, and a fallback for models the engine does not know)."""
+    path, and a fallback for models the engine does not know); ``precision="bf16"`` runs
+    them under bf16 autocast."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, precision: str = "fp32") -> None:
         self.model = model
+        self.precision = precision
         self.length = model.cfg.length
         self.device = model.vocab_embed.embedding.device
         self._c = None
@@ -72,27 +75,32 @@ class ModelBackend:
         positions = torch.arange(start, start + S, device=tokens.device)
         if causal and cache is None and mask is None:
             mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()
-        h, self._c = self.model.hidden_states(tokens, positions=positions, attn_mask=mask, kv_cache=cache)
+        with autocast(self.device, self.precision):
+            h, self._c = self.model.hidden_states(tokens, positions=positions, attn_mask=mask, kv_cache=cache)
         if query is not None:
             h = h.gather(1, query[:, :, None].expand(-1, -1, h.shape[-1]))
         return h
 
     @torch.inference_mode()
     def logits(self, h):
-        return self.model.logits(h, self._c)
+        with autocast(self.device, self.precision):
+            return self.model.logits(h, self._c).float()
 
 
-def backend_for(model, engine: bool = True):
-    """The fast :class:`Engine` for a DiT (default), else :class:`ModelBackend`; an object
-    that already has ``hidden``/``logits`` is used as is."""
+def backend_for(model, engine: bool = True, precision: str = "fp32"):
+    """The fast :class:`Engine` for a DiT (default), else :class:`ModelBackend`, at
+    ``precision`` (fp32 or bf16); an object that already has ``hidden``/``logits`` is used
+    as is."""
     if hasattr(model, "hidden") and hasattr(model, "logits") and not hasattr(model, "hidden_states"):
         return model
-    return Engine(model) if engine else ModelBackend(model)
+    return Engine(model, precision) if engine else ModelBackend(model, precision)
 
 
 def pack_queries(rows: torch.Tensor, pos: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row, position) pairs, rows ascending -> a (batch, Q) query matrix (padded with
     position 0) and each pair's slot in it."""
+    if rows.numel() == batch and rows.equal(torch.arange(batch, device=rows.device)):  # one per row
+        return pos[:, None], torch.zeros_like(rows)
     counts = torch.bincount(rows, minlength=batch)
     Q = int(counts.max()) if rows.numel() else 1
     slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]

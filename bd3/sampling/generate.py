@@ -8,13 +8,16 @@
   steps, the same sliding window beyond the length as MDLM (:mod:`bd3.sampling.sedd`).
 
 Sample ``i`` draws its random numbers from ``(seed, i)`` whatever the batch size, so the
-same seed gives the same samples with any ``batch_size``.
+same seed gives the same samples with any ``batch_size`` (in float32; with ``precision="bf16"``
+the products are rounded to bf16, and a row's rounding can depend on how many rows share a
+product, so a token can differ now and then).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
+from bd3.runtime import autocast
 from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
 from bd3.sampling.denoiser import backend_for
@@ -35,15 +38,18 @@ def generate(
     kv_cache: bool = True,
     seed: int = 0,
     engine: bool = True,
+    precision: str = "fp32",
     threads: int | None = None,
     on_block: Callable[[BlockEvent], None] | None = None,
 ) -> list[Sample]:
-    """``num_samples`` samples from ``model`` (a DiT) of a run with ``config`` (RunConfig)."""
+    """``num_samples`` samples from ``model`` (a DiT) of a run with ``config`` (RunConfig).
+    ``precision``: fp32, or bf16 (the engine's linear layers in bf16; SEDD's DiT under bf16
+    autocast)."""
     decoding = decoding or Decoding()
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
     # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
-    backend = model if algo == "sedd" else backend_for(model, engine)
+    backend = model if algo == "sedd" else backend_for(model, engine, precision)
     device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
     threads = ThreadTuner(threads, device)  # so is what it learnt about threads
     batch_size = min(batch_size or num_samples, num_samples)
@@ -56,7 +62,8 @@ def generate(
         if algo == "ar":
             out += sample_ar(backend, samples=samples, **common)
         elif algo == "sedd":
-            out += sample_sedd(backend, samples=samples, schedule=config.diffusion.schedule, **common)
+            with autocast(device, precision):
+                out += sample_sedd(backend, samples=samples, schedule=config.diffusion.schedule, **common)
         elif algo == "mdlm":
             out += sample_blocks(backend, samples=samples, block_size=max(L // 2, 1), mdlm=True, **common)
         else:

@@ -32,14 +32,17 @@ def subs_weights(logits: torch.Tensor, mask_id: int, temperature: float = 1.0) -
     return w.sub_(w.amax(-1, keepdim=True)).exp_()
 
 
-def kept(w: torch.Tensor, tokens: torch.Tensor, top_p: float) -> torch.Tensor:
+def kept(w: torch.Tensor, tokens: torch.Tensor, top_p: float, total: torch.Tensor | None = None) -> torch.Tensor:
     """Whether each ``tokens[i]`` lies in the nucleus of ``w[i]`` (N, V): the mass strictly
-    more likely than it is below ``top_p`` (or zero)."""
+    more likely than it is below ``top_p`` (or zero). ``total``: each row's float64 sum of
+    ``w``, when already known."""
     if top_p >= 1.0:
         return torch.ones(tokens.shape, dtype=torch.bool, device=tokens.device)
+    if total is None:
+        total = w.sum(-1, dtype=torch.float64)
     wj = w.gather(-1, tokens[:, None])
     above = torch.where(w > wj, w, 0.0).sum(-1, dtype=torch.float64)
-    return (above < top_p * w.sum(-1, dtype=torch.float64)) | (above == 0)
+    return (above < top_p * total) | (above == 0)
 
 
 def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -58,12 +61,14 @@ def nucleus(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return filtered / filtered.sum(-1, keepdim=True)
 
 
-def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Token ids (N,) with P(i) proportional to w[:, i], from uniforms u (N,), in float64."""
+def _inverse_cdf(w: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (N,) with P(i) proportional to w[:, i], from uniforms u (N,), in float64;
+    and each row's total weight (N,)."""
     cdf = w.cumsum(-1, dtype=torch.float64)
-    target = (u.to(torch.float64) * cdf[:, -1])[:, None]
+    total = cdf[:, -1]
     # right=True: the first index whose cdf exceeds the target; zero-weight tokens never win
-    return torch.searchsorted(cdf, target, right=True)[:, 0].clamp_max_(w.shape[-1] - 1)
+    tokens = torch.searchsorted(cdf, (u.to(torch.float64) * total)[:, None], right=True)[:, 0]
+    return tokens.clamp_max_(w.shape[-1] - 1), total
 
 
 def draw(
@@ -75,20 +80,20 @@ def draw(
     """One token per row of ``w`` (N, V) (unnormalised probabilities) from the nucleus
     distribution, using the uniform ``u[i]`` (N,) and, for rows whose token falls outside
     the nucleus, ``redraw(idx)`` -> fresh uniforms for rows ``idx`` (a LongTensor)."""
-    tokens = _inverse_cdf(w, u)
+    tokens, total = _inverse_cdf(w, u)
     if top_p >= 1.0 or w.shape[0] == 0:
         return tokens
     idx = torch.arange(w.shape[0], device=w.device)
-    ok = kept(w, tokens, top_p)
+    ok = kept(w, tokens, top_p, total)
     for _ in range(REJECTION_ROUNDS):
         idx = idx[~ok]
         if idx.numel() == 0:
             return tokens
-        tokens[idx] = _inverse_cdf(w[idx], redraw(idx).to(w.device))
-        ok = kept(w[idx], tokens[idx], top_p)
+        tokens[idx], total = _inverse_cdf(w[idx], redraw(idx).to(w.device))
+        ok = kept(w[idx], tokens[idx], top_p, total)
     idx = idx[~ok]
     if idx.numel():  # rare (a small p over a flat distribution): the exact nucleus
-        tokens[idx] = _inverse_cdf(nucleus(w[idx], top_p), redraw(idx).to(w.device))
+        tokens[idx] = _inverse_cdf(nucleus(w[idx], top_p), redraw(idx).to(w.device))[0]
     return tokens
 
 

@@ -6,10 +6,13 @@ when another process keeps that core busy every parallel region waits for a desc
 thread, and a call gets 10-30x slower (measured on the 2-core machine this was built on).
 Neither is known in advance and either can change during a long run, so
 :class:`ThreadTuner` starts with one thread, watches how busy the machine is apart from
-this process (``/proc/stat``), and while the cores it would use are free it now and then
-runs a few calls with all threads and keeps whichever was faster. A lost probe makes the
-next one wait twice as long (probing costs about 1% of the time); when other processes
-take the cores, it goes back to one thread. On a GPU nothing is tuned.
+this process (``/proc/stat``), moves to all threads once it has seen the other cores free
+for the first 0.25 s, and from then on, while they stay free, now and then runs a few calls
+with the other setting and keeps whichever was faster. The first call after a
+change of thread count is not timed: the thread pool wakes up during it and it can take 1.5x
+as long (measured), which made early probes lose. A lost probe makes the next one wait twice
+as long (probing costs about 1% of the time); when other processes take the cores, it goes
+back to one thread. On a GPU nothing is tuned.
 """
 
 from __future__ import annotations
@@ -22,9 +25,10 @@ from collections import deque
 
 import torch
 
-PROBE_CALLS = 3  # calls per probe
+PROBE_CALLS = 3  # timed calls per probe
+PROBE_WARMUP = 1  # untimed calls first (the thread pool wakes up)
 WIN = 0.9  # a probe must be this much faster (median per call) to switch
-FIRST = 1.0  # seconds of sampling before the first probe
+FIRST = 0.25  # seconds of sampling before the first probe
 MAX_SHARE = 0.01  # a lost probe's cost may be at most this share of the time until the next
 MAX_WAIT = 30.0  # seconds between probes at most
 JUMP = 3.0  # a call this much slower than usual (the other core got busy) probes at once
@@ -72,11 +76,13 @@ class ThreadTuner:
         self.active = self.fixed or 1
         self.times: dict[int, deque] = {1: deque(maxlen=8), self.max: deque(maxlen=8)}
         self.probing: list[float] | None = None
+        self.warmup = 0  # probe calls still to skip
         self.next_probe = time.perf_counter() + FIRST  # a probe may start after this
         self.wait = 2.0  # seconds until the next probe after a lost one (doubles)
         self.switches = 0
         self.load = Load() if self.fixed is None else None
-        self.next_check = time.perf_counter() + 0.5
+        self.next_check = time.perf_counter() + FIRST
+        self.checked = False  # the first look at the other cores is still to come
 
     @property
     def other(self) -> int:
@@ -93,13 +99,17 @@ class ThreadTuner:
         now = time.perf_counter()
         if self.probing is None and now >= self.next_check:
             self.next_check = now + 0.5
+            first, self.checked = not self.checked, True
             if self._busy():
                 if self.active != 1:  # the other core got busy: back to one thread
                     self.active, self.switches = 1, self.switches + 1
                 self.next_probe = max(self.next_probe, now + 0.5)
                 return self.active
+            if first and self.active == 1:  # the other cores are free: use them, measure one thread later
+                self.active, self.switches = self.max, self.switches + 1
+                self.next_probe = now + self.wait
         if self.probing is None and now >= self.next_probe and len(self.times[self.active]) >= PROBE_CALLS:
-            self.probing = []
+            self.probing, self.warmup = [], PROBE_WARMUP
         return self.other if self.probing is not None else self.active
 
     @contextlib.contextmanager
@@ -118,6 +128,9 @@ class ThreadTuner:
             if len(recent) >= PROBE_CALLS and seconds > JUMP * statistics.median(recent):
                 self.next_probe = 0.0
             recent.append(seconds)
+            return
+        if self.warmup:
+            self.warmup -= 1
             return
         self.probing.append(seconds)
         current = statistics.median(self.times[self.active])
