@@ -20,7 +20,7 @@ median of ``--repeats`` runs after one short warm-up; ``NFE/token`` is model cal
 generated token per sample (1 for first-hitting), ``passes/token`` backbone passes per
 generated token of the batch (batching shares a pass between rows).
 
-``--precision fp32 bf16`` (both by default) builds the engine as ``bd3 sample --precision``
+``--precision fp32 fp16 bf16`` (all by default) builds the engine as ``bd3 sample --precision``
 does.
 
 Uncached (``--cache off``): every call recomputes the context (up to L - block tokens) and
@@ -143,7 +143,7 @@ def main() -> None:
     ap.add_argument("--blocks", nargs="+", type=int, default=[4, 16])
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 8])
     ap.add_argument("--cache", nargs="+", default=["on", "off"], choices=["on", "off"])
-    ap.add_argument("--precision", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+    ap.add_argument("--precision", nargs="+", default=["fp32", "fp16", "bf16"], choices=["fp32", "fp16", "bf16"],
                     help="The sampler's precision (bd3 sample --precision; auto is bf16 on CPUs with native bf16).")
     ap.add_argument("--rule", default="first-hitting", choices=["first-hitting", "ddpm", "threshold"])
     ap.add_argument("--repeats", type=int, default=3)

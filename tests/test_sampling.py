@@ -94,30 +94,40 @@ def test_engine_single_row_output_layer(tiny_model):
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
-def test_linear_packed_equals_addmm(rows):
+def test_linear_kinds_equal_addmm(rows):
     """The engine's oneDNN-packed linear (where torch has it) against plain addmm, with the
-    fused GELU and residual: float32 rounding apart, equal; bf16 to bf16 rounding."""
-    from bd3.sampling.engine import Linear, _onednn
+    fused GELU and residual: float32 rounding apart, equal; bf16 to bf16 rounding; float16
+    weights (FBGEMM) to float16 rounding of the weights."""
+    from bd3.sampling.engine import Linear, _onednn, fp16_weights_supported
 
     g = torch.Generator().manual_seed(rows)
     w, b = torch.randn(24, 8, generator=g), torch.randn(24, generator=g)
     x, res = torch.randn(rows, 8, generator=g), torch.randn(rows, 24, generator=g)
     want = {"plain": x @ w.t() + b, "gelu": torch.nn.functional.gelu(x @ w.t() + b, approximate="tanh"), "residual": res + x @ w.t() + b}
-    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)):
-        for packed in sorted({False, _onednn(torch.device("cpu"), dtype)}):
-            lin = Linear(w.to(dtype), b.to(dtype), packed)
-            xd = x.to(dtype)
-            got = {"plain": lin(xd), "gelu": lin(xd, gelu=True), "residual": lin(xd, residual=res)}
-            assert got["residual"].dtype == torch.float32  # a float32 residual stays float32
-            for k in want:
-                torch.testing.assert_close(got[k].float(), want[k], atol=tol, rtol=tol / 10, msg=f"{dtype} packed={packed} {k}")
+    cpu = torch.device("cpu")
+    cases = [(torch.float32, "addmm", 1e-5), (torch.bfloat16, "addmm", 0.1)]
+    cases += [(dt, "onednn", tol) for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 0.1)) if _onednn(cpu, dt)]
+    cases += [(torch.float32, "fp16", 0.02)] if fp16_weights_supported(cpu) else []
+    for dtype, kind, tol in cases:
+        lin = Linear(w.to(dtype), b.to(dtype), kind)
+        xd = x.to(dtype)
+        got = {"plain": lin(xd), "gelu": lin(xd, gelu=True), "residual": lin(xd, residual=res)}
+        assert got["residual"].dtype == torch.float32  # a float32 residual stays float32
+        for k in want:
+            torch.testing.assert_close(got[k].float(), want[k], atol=tol, rtol=tol / 10, msg=f"{dtype} {kind} {k}")
 
 
-def test_bf16_engine_is_the_model_under_autocast(tiny_model):
-    """precision="bf16": the logits of the model under bf16 autocast, to bf16 rounding;
-    cached == recomputed still holds to that rounding; float32 stays exact."""
-    engine = Engine(tiny_model, "bf16")
-    assert engine.compute == torch.bfloat16 and engine.new_cache(1).k.dtype == torch.float32  # attention in float32
+@pytest.mark.parametrize("precision,tol", [("bf16", 0.015), ("fp16", 1e-3)])
+def test_reduced_precision_engine(tiny_model, precision, tol):
+    """bf16: the logits of the model under bf16 autocast, to bf16 rounding; fp16 (float16
+    weights, float32 products): the float32 logits to ~2.5e-4 of their scale. Cached ==
+    recomputed holds to the same tolerance."""
+    from bd3.sampling.engine import fp16_weights_supported
+
+    if precision == "fp16" and not fp16_weights_supported("cpu"):
+        pytest.skip("this torch has no FBGEMM (precision fp16 is x86 only)")
+    engine = Engine(tiny_model, precision)
+    assert engine.new_cache(1).k.dtype == torch.float32  # attention in float32
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         h, c = tiny_model.hidden_states(x)
@@ -128,9 +138,13 @@ def test_bf16_engine_is_the_model_under_autocast(tiny_model):
     got = engine.logits(engine.hidden(x))
     assert got.dtype == torch.float32
     scale = exact.abs().max()
-    assert (auto - exact).abs().max() > 1e-3 * scale  # bf16 really changes the numbers at this size
-    torch.testing.assert_close(got, auto, atol=0.015 * scale, rtol=0)
-    torch.testing.assert_close(got, exact, atol=0.015 * scale, rtol=0)
+    assert (got - exact).abs().max() > 1e-6 * scale  # the reduced precision is really used
+    torch.testing.assert_close(got, exact, atol=tol * scale, rtol=0)
+    if precision == "bf16":
+        assert (auto - exact).abs().max() > 1e-3 * scale  # bf16 really changes the numbers at this size
+        torch.testing.assert_close(got, auto, atol=tol * scale, rtol=0)
+    one = engine.logits(engine.hidden(x[:1], query=torch.tensor([[5]]))[:, 0])  # the single-row output layer
+    torch.testing.assert_close(one, exact[:1, 5], atol=tol * scale, rtol=0)
     B, L, bs = 2, 16, 4
     cached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=True)
     uncached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=False)
@@ -138,11 +152,11 @@ def test_bf16_engine_is_the_model_under_autocast(tiny_model):
     for s in range(0, L, bs):
         noisy = x[:, s : s + bs].clone()
         noisy[:, 1::2] = MASK
-        torch.testing.assert_close(cached(noisy, s, rows, pos), uncached(noisy, s, rows, pos), atol=0.015 * scale, rtol=0)
+        torch.testing.assert_close(cached(noisy, s, rows, pos), uncached(noisy, s, rows, pos), atol=tol * scale, rtol=0)
         cached.commit(x[:, s : s + bs], s)
         uncached.commit(x[:, s : s + bs], s)
     with pytest.raises(ValueError, match="precision"):
-        Engine(tiny_model, "fp16")
+        Engine(tiny_model, "fp8")
 
 
 def test_engine_ar_cache_equals_causal_pass():
@@ -530,18 +544,44 @@ def test_cli_ar_and_mdlm_runs(runs, capsys, algo):
 
 
 @pytest.mark.parametrize("algo", ["bd3lm", "ar", "mdlm"])
-def test_cli_bf16_sampling(runs, capsys, monkeypatch, algo):
-    """--precision bf16 reaches the engine for every kind of run and samples whole outputs
-    (its numerics: test_bf16_engine_is_the_model_under_autocast)."""
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_cli_reduced_precision_sampling(runs, capsys, monkeypatch, algo, precision):
+    """--precision bf16 / fp16 reach the engine for every kind of run and sample whole
+    outputs (their numerics: test_reduced_precision_engine)."""
     import bd3.sampling.denoiser as denoiser
+    from bd3.sampling.engine import fp16_weights_supported
 
+    if precision == "fp16" and not fp16_weights_supported("cpu"):
+        pytest.skip("this torch has no FBGEMM (precision fp16 is x86 only)")
     built = []
     monkeypatch.setattr(denoiser, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
     code, out, err = bd3(capsys, "sample", runs[algo], "--max-tokens", 40, "--num-samples", 2, "--format", "jsonl",
-                         "--device", "cpu", "--precision", "bf16")
+                         "--device", "cpu", "--precision", precision)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]
-    assert built == ["bf16"] and [len(r["tokens"]) for r in rows] == [40, 40]
+    assert built == [precision] and [len(r["tokens"]) for r in rows] == [40, 40]
+    assert f", {precision}; stops" in err  # the summary names it
+
+
+def test_sampling_precision_auto(monkeypatch):
+    from bd3.errors import Bd3Error
+    from bd3.runtime import resolve_precision
+    from bd3.sampling import engine
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(engine, "fp16_weights_supported", lambda device: True)
+    assert engine.sampling_precision("auto", cpu) == "fp16" and engine.sampling_precision("fp32", cpu) == "fp32"
+    monkeypatch.setattr(engine, "fp16_weights_supported", lambda device: False)
+    assert engine.sampling_precision("auto", cpu) == resolve_precision("auto", cpu)  # bf16 where native, else fp32
+    assert engine.sampling_precision("bf16", cpu) == "bf16"
+    with pytest.raises(Bd3Error, match="FBGEMM"):
+        engine.sampling_precision("fp16", cpu)
+
+
+def test_cli_fp16_where_it_cannot_run(runs, capsys, monkeypatch):
+    monkeypatch.setattr("bd3.sampling.engine.fp16_weights_supported", lambda device: False)
+    code, out, err = bd3(capsys, "sample", runs["bd3lm"], "--device", "cpu", "--precision", "fp16")
+    assert code == 1 and out == "" and "FBGEMM" in err and "fp32 or bf16" in err and "Traceback" not in err
 
 
 @pytest.mark.parametrize(
@@ -557,7 +597,7 @@ def test_cli_bf16_sampling(runs, capsys, monkeypatch, algo):
         (["--prompt", "word " * 40], 1, "shorter than the model's context"),
         (["--prompt", "one two three", "--max-tokens", "3"], 2, "--max-tokens"),
         (["--block-size", "5"], 2, "divide"),
-        (["--precision", "fp16"], 2, "--precision"),
+        (["--precision", "fp8"], 2, "--precision"),
     ],
 )
 def test_cli_bad_options_are_one_line(runs, capsys, args, code, needle, tmp_path, monkeypatch):

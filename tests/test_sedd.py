@@ -213,6 +213,8 @@ def test_cli_pretrain_eval_sample(tmp_path, monkeypatch, capsys):
     assert [json.loads(line)["tokens"] for line in bd3(*args)[1].splitlines()] == [r["tokens"] for r in rows]  # same seed
     code, out, err = bd3(*args, "--precision", "bf16")  # the DiT under bf16 autocast
     assert code == 0 and [len(json.loads(line)["tokens"]) for line in out.splitlines()] == [40, 40], err
+    code, _, err = bd3(*args, "--precision", "fp16")  # an engine feature
+    assert code == 2 and "SEDD" in err
 
     code, _, err = bd3("sample", "s", "--block-size", 4, "--device", "cpu")
     assert code == 2 and "sedd" in err

@@ -16,6 +16,7 @@ from bd3.errors import Bd3Error
 from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device, resolve_precision
 from bd3.sampling.block import ENTROPY_WINDOW
+from bd3.sampling.engine import sampling_precision
 from bd3.sampling.generate import generate
 from bd3.sampling.text import SampleWriter
 
@@ -55,13 +56,13 @@ def sample(
       bd3 sample --prompt "In the beginning" --max-tokens 256 --stop eos
       bd3 sample --sampler ddpm --steps 8 --top-p 0.95 --seed 3
       bd3 sample --threshold 0.9        # confidence decoding: fewer model calls
-      bd3 sample --precision bf16       # faster on CPUs with native bf16 (AVX512-BF16, AMX)
+      bd3 sample --precision fp16       # x86 CPUs: float16 weights, float32 arithmetic, ~20% faster
       bd3 sample runs/owt-sedd --steps 1000 --top-p 0.99   # a SEDD run: the analytic sampler
     """
     if format_ not in FORMATS:
         raise typer.BadParameter(f"{format_!r} is not one of {', '.join(FORMATS)}.", param_hint="--format")
-    if precision not in ("auto", "fp32", "bf16"):
-        raise typer.BadParameter(f"{precision!r} is not one of auto, fp32, bf16.", param_hint="--precision")
+    if precision not in ("auto", "fp32", "fp16", "bf16"):
+        raise typer.BadParameter(f"{precision!r} is not one of auto, fp32, fp16, bf16.", param_hint="--precision")
     o.check_stop(stop)
     rule = o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
     if prompt is not None and prompt_file is not None:
@@ -70,6 +71,8 @@ def sample(
     cfg = r.config
     algo, L = cfg.diffusion.algo, cfg.model.length
     bs = o.sampling_block_size(r, block_size, sampler, steps, threshold)
+    if precision == "fp16" and algo == "sedd":
+        raise typer.BadParameter("fp16 weights are for bd3lm, mdlm and ar runs; sample a SEDD run with fp32 or bf16.", param_hint="--precision")
     tok = run_tokenizer(r)
     ids = [cfg.data.bos_id]
     if prompt is not None or prompt_file is not None:
@@ -85,7 +88,8 @@ def sample(
         )
     decoding = o.decoding(r, sampler=sampler, steps=steps, threshold=threshold, top_p=top_p, temperature=temperature, stop=stop)
     dev = resolve_device(device)
-    precision = resolve_precision(precision, dev)
+    # fp16 weights are an engine feature; SEDD runs the DiT itself (bf16 autocast where it pays off)
+    precision = resolve_precision(precision, dev) if algo == "sedd" else sampling_precision(precision, dev)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev))
     batch_size = min(batch_size or num_samples, num_samples)
     writer = SampleWriter(tok, sys.stdout, format_, num_samples, ids, holdback=ENTROPY_WINDOW if decoding.entropy else 0)
@@ -106,6 +110,8 @@ def sample(
     how = "token by token" if algo == "ar" else f"{rule}, block {L if algo == 'mdlm' else bs}" + ("" if kv_cache or algo == "mdlm" else ", no KV cache")
     if algo == "sedd":
         how = f"analytic sampler over {L} tokens, " + (f"{steps} steps" if steps else "one step per new token")
+    if precision != "fp32":
+        how += f", {precision}"
     err.print(
         f"{num_samples} sample(s), {new} new tokens in {elapsed:.1f}s: {new / max(elapsed, 1e-9):.1f} tokens/s, "
         f"{calls / max(new, 1):.2f} model calls per token ({how}; stops: "

@@ -89,11 +89,15 @@ class ModelBackend:
 
 def backend_for(model, engine: bool = True, precision: str = "fp32"):
     """The fast :class:`Engine` for a DiT (default), else :class:`ModelBackend`, at
-    ``precision`` (fp32 or bf16); an object that already has ``hidden``/``logits`` is used
+    ``precision`` (fp32, bf16, or fp16 for the engine); an object that already has ``hidden``/``logits`` is used
     as is."""
     if hasattr(model, "hidden") and hasattr(model, "logits") and not hasattr(model, "hidden_states"):
         return model
-    return Engine(model, precision) if engine else ModelBackend(model, precision)
+    if engine:
+        return Engine(model, precision)
+    if precision not in ("fp32", "bf16"):
+        raise ValueError(f"precision {precision!r} needs the engine; the model itself runs in fp32 or bf16")
+    return ModelBackend(model, precision)
 
 
 def pack_queries(rows: torch.Tensor, pos: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:

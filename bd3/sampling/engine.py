@@ -18,7 +18,8 @@ operations:
   with the GELU and the residual additions fused into them: the sampler's products have
   1-128 rows, where ``addmm`` re-packs the weights on every call; packed, a sampling call of
   the reference's ``tiny`` model is about 1.4x faster. One row through the output layer is
-  two half-vocabulary products (:func:`_halves`), one per thread.
+  two half-vocabulary products (:func:`_halves`), one per thread;
+- ``precision="fp16"`` / ``"bf16"`` trade exactness for speed (see :class:`Engine`).
 
 The KV cache layout is the model's (:class:`bd3.model.KVCache`: K after rotary, and V).
 """
@@ -28,10 +29,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bd3.errors import Bd3Error
 from bd3.model.backends import attend_with
 from bd3.model.kv_cache import KVCache
+from bd3.runtime import resolve_precision
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = ("fp32", "bf16", "fp16")
 
 
 def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -45,30 +48,62 @@ def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
         return False
 
 
+def fp16_weights_supported(device: torch.device | str) -> bool:
+    """Whether ``precision="fp16"`` runs here: a CPU and a torch built with FBGEMM (x86)."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        w = torch.ops.quantized.linear_prepack_fp16(torch.ones(2, 2), None)
+        return bool(torch.ops.quantized.linear_dynamic_fp16(torch.ones(1, 2), w).eq(2).all())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def sampling_precision(precision: str, device: torch.device) -> str:
+    """``bd3 sample --precision``: fp32, fp16, bf16, or ``auto``, the fastest of them here:
+    fp16 weights on a CPU with FBGEMM, else bf16 where the hardware computes it natively,
+    else fp32."""
+    if precision == "auto" and fp16_weights_supported(device):
+        return "fp16"
+    if precision != "fp16":
+        return resolve_precision(precision, device)
+    if not fp16_weights_supported(device):
+        raise Bd3Error(f"--precision fp16 needs a CPU and a torch built with FBGEMM (x86); {device} has none. Use fp32 or bf16.")
+    return precision
+
+
 class Linear:
     """``x @ weight.T + bias`` for a fixed weight (out, in), optionally followed by the
     tanh GELU or added to a residual, in one call; in the weight's dtype (a float32
-    ``residual`` is added in float32).
+    ``residual`` is added in float32). ``kind``:
 
-    With ``onednn`` the weight is packed once for oneDNN (the layout its kernels read, chosen
-    for about 16 rows); otherwise ``addmm`` with the weight stored (in, out). Both agree to
-    the dtype's rounding."""
+    - ``"onednn"``: the weight packed once for oneDNN (the layout its kernels read, chosen for
+      about 16 rows), GELU and residual fused;
+    - ``"fp16"``: the weight packed once as float16 for FBGEMM, which converts it on the fly
+      and computes and returns float32 (half the weight bytes to read);
+    - ``"addmm"``: the weight stored (in, out), ``torch.addmm``.
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, onednn: bool) -> None:
-        self.onednn, self.bias = onednn, bias
-        if onednn:
+    ``onednn`` and ``addmm`` agree to the dtype's rounding."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> None:
+        self.kind, self.bias = kind, bias
+        if kind == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
+        elif kind == "fp16":
+            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         else:
             self.weight = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        fused = residual is not None and residual.dtype == x.dtype
-        if self.onednn:
-            if fused:
+        if self.kind == "onednn":
+            if residual is not None and residual.dtype == x.dtype:
                 return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
             y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
         else:
-            y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
+            if self.kind == "fp16":
+                y = torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
+            else:
+                y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
             if gelu:
                 y = F.gelu(y, approximate="tanh")
         return y if residual is None else residual + y
@@ -106,14 +141,18 @@ class Engine:
     """``Engine(model)``: the model's weights, folded for inference (a snapshot: build a new
     engine after changing the weights).
 
-    ``precision="bf16"``: the linear layers (weights and products, the output layer's
-    included) in bfloat16, as under bf16 autocast; the residual stream, LayerNorm, attention
-    and the KV cache stay in the model's dtype (float32 attention is also the faster one on
-    a CPU). ``"fp32"``: everything in the model's dtype."""
+    ``precision``: ``"fp32"``, everything in the model's dtype; ``"bf16"``, the linear layers
+    (weights and products, the output layer's included) in bfloat16, as under bf16 autocast;
+    ``"fp16"`` (CPU with FBGEMM: :func:`fp16_weights_supported`), the linear layers' weights
+    stored as float16, products and outputs float32 (logits within ~2e-4 of fp32, relative to
+    their scale). The residual stream, LayerNorm, attention and the KV cache stay in the
+    model's dtype (float32 attention is also the faster one on a CPU)."""
 
     def __init__(self, model, precision: str = "fp32") -> None:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision == "fp16" and not fp16_weights_supported(model.vocab_embed.embedding.device):
+            raise ValueError("precision fp16 needs a CPU and a torch built with FBGEMM (x86)")
         cfg = model.cfg
         self.model = model
         self.causal = cfg.causal
@@ -124,9 +163,11 @@ class Engine:
         self.vocab_size = model.vocab_size
         emb = model.vocab_embed.embedding
         self.device, self.dtype = emb.device, emb.dtype  # the residual stream's
-        self.precision = precision
         self.compute = torch.bfloat16 if precision == "bf16" else self.dtype  # everything else's
-        self.onednn = _onednn(self.device, self.compute)
+        if precision == "fp16":
+            self.kind = "fp16"
+        else:
+            self.kind = "onednn" if _onednn(self.device, self.compute) else "addmm"
         # xformers runs the sampler's attention too; flex does not: the shapes change every
         # call (the cache grows), which would recompile its kernel, and a block or two of
         # queries leaves no tiles to skip. SDPA it is, for flex and sdpa.
@@ -145,7 +186,7 @@ class Engine:
                 w = w * (1 + scale)
             head_w, head_b = _fold_norm(w, shift, out.linear.weight, out.linear.bias)
             self.head = self._linear(head_w, head_b)
-            self._halves = _halves(head_w, head_b) if self.onednn and self.compute == torch.float32 else None
+            self._halves = _halves(head_w, head_b) if self.kind == "onednn" and self.compute == torch.float32 else None
             self.inv_freq = model.rotary_emb.inv_freq.detach().double()
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
@@ -170,7 +211,7 @@ class Engine:
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         bias = None if bias is None else bias.to(self.compute, copy=True)
-        return Linear(weight.to(self.compute), bias, self.onednn)
+        return Linear(weight.to(self.compute), bias, self.kind)
 
     # -- rotary ---------------------------------------------------------------------
 

@@ -8,9 +8,7 @@
   steps, the same sliding window beyond the length as MDLM (:mod:`bd3.sampling.sedd`).
 
 Sample ``i`` draws its random numbers from ``(seed, i)`` whatever the batch size, so the
-same seed gives the same samples with any ``batch_size`` (in float32; with ``precision="bf16"``
-the products are rounded to bf16, and a row's rounding can depend on how many rows share a
-product, so a token can differ now and then).
+same seed gives the same samples with any ``batch_size``.
 """
 
 from __future__ import annotations
@@ -43,12 +41,14 @@ def generate(
     on_block: Callable[[BlockEvent], None] | None = None,
 ) -> list[Sample]:
     """``num_samples`` samples from ``model`` (a DiT) of a run with ``config`` (RunConfig).
-    ``precision``: fp32, or bf16 (the engine's linear layers in bf16; SEDD's DiT under bf16
-    autocast)."""
+    ``precision``: fp32; bf16 (the engine's linear layers in bf16; SEDD's DiT under bf16
+    autocast); fp16 (the engine's linear weights in float16, x86 CPUs; not for SEDD)."""
     decoding = decoding or Decoding()
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
     # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
+    if algo == "sedd" and precision not in ("fp32", "bf16"):
+        raise ValueError(f"SEDD samples through the DiT itself, in fp32 or bf16, not {precision!r}")
     backend = model if algo == "sedd" else backend_for(model, engine, precision)
     device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
     threads = ThreadTuner(threads, device)  # so is what it learnt about threads
