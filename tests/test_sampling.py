@@ -578,6 +578,16 @@ def test_sampling_precision_auto(monkeypatch):
         engine.sampling_precision("fp16", cpu)
 
 
+def test_cli_default_precision_is_auto(runs, capsys, monkeypatch):
+    import bd3.sampling.denoiser as denoiser
+    from bd3.sampling.engine import sampling_precision
+
+    built = []
+    monkeypatch.setattr(denoiser, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    code, _, err = bd3(capsys, "sample", runs["bd3lm"], "--max-tokens", 20, "--device", "cpu")
+    assert code == 0 and built == [sampling_precision("auto", torch.device("cpu"))], err
+
+
 def test_cli_fp16_where_it_cannot_run(runs, capsys, monkeypatch):
     monkeypatch.setattr("bd3.sampling.engine.fp16_weights_supported", lambda device: False)
     code, out, err = bd3(capsys, "sample", runs["bd3lm"], "--device", "cpu", "--precision", "fp16")
