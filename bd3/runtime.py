@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from bd3.config import PRECISIONS
 from bd3.errors import Bd3Error
 
 
@@ -36,13 +37,16 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+MODEL_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what `auto` resolves to: fp32, bf16 (autocast)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``."""
     if precision == "auto":
         if device.type == "cuda":
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_has_bf16() else "fp32"
-    if precision not in ("fp32", "bf16"):
+    if precision not in MODEL_PRECISIONS:
         raise Bd3Error(f"Unknown precision {precision!r}; choose auto, fp32 or bf16.")
     return precision
 

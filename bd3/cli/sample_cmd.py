@@ -16,7 +16,7 @@ from bd3.errors import Bd3Error
 from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device, resolve_precision
 from bd3.sampling.block import ENTROPY_WINDOW
-from bd3.sampling.engine import sampling_precision
+from bd3.sampling.engine import PRECISIONS, sampling_precision
 from bd3.sampling.generate import generate
 from bd3.sampling.text import SampleWriter
 
@@ -61,8 +61,8 @@ def sample(
     """
     if format_ not in FORMATS:
         raise typer.BadParameter(f"{format_!r} is not one of {', '.join(FORMATS)}.", param_hint="--format")
-    if precision not in ("auto", "fp32", "fp16", "bf16"):
-        raise typer.BadParameter(f"{precision!r} is not one of auto, fp32, fp16, bf16.", param_hint="--precision")
+    if precision not in ("auto", *PRECISIONS):
+        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(('auto', *PRECISIONS))}.", param_hint="--precision")
     o.check_stop(stop)
     rule = o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
     if prompt is not None and prompt_file is not None:

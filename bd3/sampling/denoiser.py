@@ -32,7 +32,7 @@ from collections.abc import Callable
 import torch
 
 from bd3.diffusion.masks import block_causal_mask
-from bd3.runtime import autocast
+from bd3.runtime import MODEL_PRECISIONS, autocast
 from bd3.sampling.engine import Engine
 from bd3.sampling.threads import ThreadTuner
 
@@ -95,7 +95,7 @@ def backend_for(model, engine: bool = True, precision: str = "fp32"):
         return model
     if engine:
         return Engine(model, precision)
-    if precision not in ("fp32", "bf16"):
+    if precision not in MODEL_PRECISIONS:
         raise ValueError(f"precision {precision!r} needs the engine; the model itself runs in fp32 or bf16")
     return ModelBackend(model, precision)
 

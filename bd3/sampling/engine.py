@@ -32,9 +32,9 @@ import torch.nn.functional as F
 from bd3.errors import Bd3Error
 from bd3.model.backends import attend_with
 from bd3.model.kv_cache import KVCache
-from bd3.runtime import resolve_precision
+from bd3.runtime import MODEL_PRECISIONS, resolve_precision
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = (*MODEL_PRECISIONS, "fp16")  # the engine's: fp16 weights are its own
 
 
 def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -86,7 +86,8 @@ class Linear:
     ``onednn`` and ``addmm`` agree to the dtype's rounding."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> None:
-        self.kind, self.bias = kind, bias
+        self.kind = kind
+        self.bias = None if kind == "fp16" else bias  # FBGEMM packs it with the weight
         if kind == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
         elif kind == "fp16":
@@ -144,7 +145,7 @@ class Engine:
     ``precision``: ``"fp32"``, everything in the model's dtype; ``"bf16"``, the linear layers
     (weights and products, the output layer's included) in bfloat16, as under bf16 autocast;
     ``"fp16"`` (CPU with FBGEMM: :func:`fp16_weights_supported`), the linear layers' weights
-    stored as float16, products and outputs float32 (logits within ~2e-4 of fp32, relative to
+    stored as float16, products and outputs float32 (logits within ~2.5e-4 of fp32, relative to
     their scale). The residual stream, LayerNorm, attention and the KV cache stay in the
     model's dtype (float32 attention is also the faster one on a CPU)."""
 

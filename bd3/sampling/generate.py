@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from bd3.runtime import autocast
+from bd3.runtime import MODEL_PRECISIONS, autocast
 from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
 from bd3.sampling.denoiser import backend_for
@@ -47,7 +47,7 @@ def generate(
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
     # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
-    if algo == "sedd" and precision not in ("fp32", "bf16"):
+    if algo == "sedd" and precision not in MODEL_PRECISIONS:
         raise ValueError(f"SEDD samples through the DiT itself, in fp32 or bf16, not {precision!r}")
     backend = model if algo == "sedd" else backend_for(model, engine, precision)
     device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
