@@ -169,7 +169,7 @@ def test_engine_runs_every_query_through_xformers_then_keeps_the_asked_ones(tiny
         seen.append((backend, None if mask is None else mask.dtype, q.shape[2]))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
-    monkeypatch.setattr("bd3.sampling.engine.attend_with", stand_in)
+    monkeypatch.setattr("bd3.sampling.backbone.attend_with", stand_in)
     monkeypatch.setattr("bd3.model.attention.attend_with", stand_in)  # the engine asks the model for its conditioning
     model, bs = tiny_model, 4
     tokens = torch.randint(0, 39, (2, 2 * bs), generator=torch.Generator().manual_seed(2))

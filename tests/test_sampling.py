@@ -93,6 +93,41 @@ def test_engine_single_row_output_layer(tiny_model):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
 
+def test_scripted_backbone_is_the_python_one_bit_for_bit(tiny_model, monkeypatch):
+    """The engine runs backbone.layers compiled by TorchScript: the same hidden states and
+    cache contents, bit for bit, as the function run as Python, for every linear kind, with a
+    cache, a folding mask (bool, made additive) and a subset of queries."""
+    from bd3.sampling import backbone
+    from bd3.sampling import engine as engine_module
+
+    assert backbone.scripted() is not None, "TorchScript could not compile backbone.layers"
+    kinds = [("fp32", "onednn"), ("fp32", "addmm"), ("bf16", "onednn"), ("fp16", "fp16")]
+    x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(5))
+    fold = torch.ones(8, 16, dtype=torch.bool)
+    fold[:4, 8:] = False  # rows 0-3 (clean) do not see rows 4-7 (noisy)
+    for precision, kind in kinds:
+        if kind == "onednn" and not engine_module._onednn(torch.device("cpu"), torch.float32):
+            continue
+        if kind == "fp16" and not engine_module.fp16_weights_supported("cpu"):
+            continue
+        if kind == "addmm":
+            monkeypatch.setattr(engine_module, "_onednn", lambda device, dtype: False)
+        out = {}
+        for run in ("scripted", "python"):
+            engine = Engine(tiny_model, precision)
+            assert engine.kind == kind and engine._layers is backbone.scripted()
+            if run == "python":
+                engine._layers = backbone.layers
+            cache = engine.new_cache(2)
+            h0 = engine.hidden(x[:, :8], 0, cache=cache)
+            cache.commit(8)
+            h1 = engine.hidden(x[:, 8:], 8, cache=cache, mask=fold, query=torch.tensor([[5], [2]]))
+            out[run] = (h0, h1, cache.k, cache.v)
+        monkeypatch.undo()
+        for a, b in zip(out["scripted"], out["python"]):
+            assert torch.equal(a, b), f"{precision} {kind}"
+
+
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
 def test_linear_kinds_equal_addmm(rows):
     """The engine's oneDNN-packed linear (where torch has it) against plain addmm, with the
@@ -201,6 +236,9 @@ def test_nucleus_keeps_the_crossing_token_and_ties():
     assert kept(p, torch.tensor([1, 2]), 0.5).tolist() == [False, True]  # ties with the crossing token stay
     assert kept(p, torch.tensor([1, 2]), 0.6).tolist() == [True, True]
     assert kept(p, torch.tensor([2, 2]), 0.6).tolist() == [False, True]
+    for top_p, tokens in ((0.5, [1, 2]), (0.6, [1, 2]), (0.6, [2, 2]), (0.9, [0, 1])):  # one row alone: its own path
+        rows = [kept(p[r : r + 1], torch.tensor(tokens[r : r + 1]), top_p).item() for r in range(2)]
+        assert rows == kept(p, torch.tensor(tokens), top_p).tolist()
 
 
 @pytest.mark.parametrize("top_p", [1.0, 0.9, 0.5, 0.05])

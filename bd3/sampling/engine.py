@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 
 from bd3.errors import Bd3Error
-from bd3.model.backends import attend_with
 from bd3.model.kv_cache import KVCache
 from bd3.runtime import MODEL_PRECISIONS, resolve_precision
+from bd3.sampling import backbone
 
 PRECISIONS = (*MODEL_PRECISIONS, "fp16")  # the engine's: fp16 weights are its own
 
@@ -83,31 +83,22 @@ class Linear:
       and computes and returns float32 (half the weight bytes to read);
     - ``"addmm"``: the weight stored (in, out), ``torch.addmm``.
 
-    ``onednn`` and ``addmm`` agree to the dtype's rounding."""
+    ``onednn`` and ``addmm`` agree to the dtype's rounding. The product itself is
+    :func:`bd3.sampling.backbone.linear`."""
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, kind: str) -> None:
         self.kind = kind
+        self.packed = self.weight = None
         self.bias = None if kind == "fp16" else bias  # FBGEMM packs it with the weight
         if kind == "onednn":
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight.contiguous(), 16)
         elif kind == "fp16":
-            self.weight = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
+            self.packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         else:
             self.weight = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        if self.kind == "onednn":
-            if residual is not None and residual.dtype == x.dtype:
-                return torch.ops.mkldnn._linear_pointwise.binary(x, residual, self.weight, self.bias, "add")
-            y = torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "gelu" if gelu else "none", [], "tanh" if gelu else "")
-        else:
-            if self.kind == "fp16":
-                y = torch.ops.quantized.linear_dynamic_fp16(x, self.weight)
-            else:
-                y = x @ self.weight if self.bias is None else torch.addmm(self.bias, x, self.weight)
-            if gelu:
-                y = F.gelu(y, approximate="tanh")
-        return y if residual is None else residual + y
+        return backbone.linear(x, self.kind, self.packed, self.weight, self.bias, gelu, residual)
 
 
 def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -122,10 +113,6 @@ def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, tor
     b = bias.new_zeros(2 * half)
     b[:V] = bias
     return w.view(2, half, D).transpose(1, 2).contiguous(), b.view(2, 1, half)
-
-
-class _Layer:
-    __slots__ = ("fc1", "fc2", "out", "qkv")
 
 
 def _fold_norm(weight: torch.Tensor, bias: torch.Tensor | None, linear_w: torch.Tensor, linear_b: torch.Tensor | None):
@@ -179,7 +166,7 @@ class Engine:
                 c = None
             else:  # the constant conditioning vector, through the model's own public API
                 c = model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device))[1]
-            self.layers = [self._fold(block, c) for block in model.blocks]
+            linears = [lin for block in model.blocks for lin in self._fold(block, c)]
             out = model.output_layer
             w, shift = out.norm_final.weight.detach(), None
             if c is not None:
@@ -189,13 +176,21 @@ class Engine:
             self.head = self._linear(head_w, head_b)
             self._halves = _halves(head_w, head_b) if self.kind == "onednn" and self.compute == torch.float32 else None
             self.inv_freq = model.rotary_emb.inv_freq.detach().double()
+        fp16 = self.kind == "fp16"
+        self._weights = (  # backbone.layers' arguments: kind, packed, weight, bias
+            self.kind,
+            [lin.packed for lin in linears] if fp16 else [],
+            [] if fp16 else [lin.weight for lin in linears],
+            [lin.bias for lin in linears],
+        )
+        self._layers = backbone.scripted() or backbone.layers
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
 
-    def _fold(self, block, c) -> _Layer:
-        """adaLN shift/scale and the LayerNorm weights go into the next linear layer, the
-        gates into the residual branches' output layers."""
-        L = _Layer()
+    def _fold(self, block, c) -> tuple[Linear, Linear, Linear, Linear]:
+        """A layer's qkv, out, fc1 and fc2 products: adaLN shift/scale and the LayerNorm
+        weights go into the next linear layer, the gates into the residual branches' output
+        layers."""
         w1, w2 = block.norm1.weight.detach(), block.norm2.weight.detach()
         out_w, fc2_w, fc2_b = block.attn_out.weight.detach(), block.mlp[2].weight.detach(), block.mlp[2].bias.detach()
         shift1 = shift2 = None
@@ -204,11 +199,9 @@ class Engine:
             w1, w2 = w1 * (1 + scale1), w2 * (1 + scale2)
             out_w = out_w * gate1[:, None]
             fc2_w, fc2_b = fc2_w * gate2[:, None], fc2_b * gate2
-        L.qkv = self._linear(*_fold_norm(w1, shift1, block.attn_qkv.weight, None))
-        L.fc1 = self._linear(*_fold_norm(w2, shift2, block.mlp[0].weight, block.mlp[0].bias))
-        L.out = self._linear(out_w, None)
-        L.fc2 = self._linear(fc2_w, fc2_b)
-        return L
+        qkv = self._linear(*_fold_norm(w1, shift1, block.attn_qkv.weight, None))
+        fc1 = self._linear(*_fold_norm(w2, shift2, block.mlp[0].weight, block.mlp[0].bias))
+        return qkv, self._linear(out_w, None), fc1, self._linear(fc2_w, fc2_b)
 
     def _linear(self, weight: torch.Tensor, bias: torch.Tensor | None) -> Linear:
         bias = None if bias is None else bias.to(self.compute, copy=True)
@@ -255,45 +248,24 @@ class Engine:
         the cached ones. ``causal`` (without a cache or mask): causal attention.
         """
         B, S = tokens.shape
-        D, H, hd = self.D, self.H, self.hd
-        x = F.embedding(tokens, self.embedding)
+        x = F.embedding(tokens, self.embedding).view(B * S, self.D)
         cos, sin = self._rotary(start, S)
-        cos, sin = cos[None, :, None, None, :], sin[None, :, None, None, :]
         if causal and cache is None and mask is None and query is not None:
             mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()  # queries subset: explicit
         xformers = self.xformers and (mask is None or mask.dtype == torch.bool)
         if mask is not None and mask.dtype == torch.bool and not xformers:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
-        is_causal = causal and cache is None and mask is None
-        last = self.n_layers - 1
-        x = x.view(B * S, D)
-        for i, L in enumerate(self.layers):
-            qkv = L.qkv(self._norm(x)).to(self.dtype).view(B, S, 3, H, hd)
-            qk = qkv[:, :, :2]
-            qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # (B, S, 2, H, hd)
-            q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
-            if cache is not None:
-                k, v = cache.update(i, k, v)
-            m = mask
-            if xformers:  # every query (a bias covers whole rows); the asked ones are kept below
-                a = attend_with("xformers", q, k, v, m, is_causal)
-            if i == last and query is not None:
-                Q = query.shape[1]
-                rows = query[:, None, :, None].expand(B, H, Q, hd)
-                if xformers:
-                    a = a.gather(2, rows)
-                else:
-                    q = q.gather(2, rows)
-                x = x.view(B, S, D).gather(1, query[:, :, None].expand(B, Q, D)).view(B * Q, D)
-                if m is not None and not xformers:
-                    m = m[query][:, None]  # (B, 1, Q, kv)
-                S = Q
-            if not xformers:
-                a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
-            x = L.out(a.transpose(1, 2).reshape(B * S, D).to(self.compute), residual=x)
-            x = L.fc2(L.fc1(self._norm(x), gelu=True), residual=x)
-        x = x.view(B, S, D)
-        return x
+        k = v = None
+        length = 0
+        if cache is not None:
+            if cache.length + S > cache.capacity:
+                raise ValueError(f"KV cache overflow: {cache.length + S} > {cache.capacity}; call make_room first")
+            k, v, length = cache.k, cache.v, cache.length
+        return self._layers(
+            x, B, S, *self._weights, self.H, self.dtype, self.compute,
+            cos[None, :, None, None, :], sin[None, :, None, None, :], k, v, length,
+            mask, query, causal and cache is None and mask is None, xformers,
+        )
 
     @torch.inference_mode()
     def logits(self, h: torch.Tensor) -> torch.Tensor:

