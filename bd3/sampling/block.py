@@ -266,14 +266,18 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
     order, tok_u = draws[:, :W], draws[:, W:]
     arange = torch.arange(W, device=device)
 
+    everyone = torch.arange(B, device=device)
+
     def call(rows: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = den(blk, start, rows, pos)
-        nfe.add_(torch.bincount(rows.cpu(), minlength=nfe.numel()).clamp_max_(1))  # once per row that took part
+        if rows is everyone:
+            nfe.add_(1)
+        else:
+            nfe.add_(torch.bincount(rows.cpu(), minlength=nfe.numel()).clamp_max_(1))  # once per row that took part
         return subs_weights(logits, mask_id, dec.temperature)
 
     def sample(w: torch.Tensor, rows: torch.Tensor, pos: torch.Tensor) -> None:
-        rows_list = rows.tolist()
-        tok = draw(w, tok_u[rows, pos], dec.top_p, lambda idx: rng.uniform_each([rows_list[i] for i in idx.tolist()]))
+        tok = draw(w, tok_u[rows, pos], dec.top_p, lambda idx: rng.uniform_each(rows[idx].tolist()))
         blk[rows, pos] = tok
         todo[rows, pos] = False
         if eos_id is not None:
@@ -286,11 +290,15 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
 
     if dec.rule == "first-hitting":
         while True:
-            active = todo.any(1)
-            if not active.any():
-                return
-            rows = active.nonzero()[:, 0]
-            pos = torch.where(todo, order, 2.0).argmin(1)[rows]  # the next position of each row's random order
+            first, pos = torch.where(todo, order, 2.0).min(1)  # the next position of each row's random order
+            active = first < 2.0
+            if active.all():
+                rows = everyone
+            else:
+                rows = active.nonzero()[:, 0]
+                if rows.numel() == 0:
+                    return
+                pos = pos[rows]
             sample(call(rows, pos), rows, pos)
     elif dec.rule == "ddpm":
         T = dec.steps or W

@@ -28,7 +28,7 @@ import torch
 PROBE_CALLS = 3  # timed calls per probe
 PROBE_WARMUP = 1  # untimed calls first (the thread pool wakes up)
 WIN = 0.9  # a probe must be this much faster (median per call) to switch
-FIRST = 0.25  # seconds of sampling before the first probe
+FIRST = 0.1  # seconds of sampling before the first look at the other cores
 MAX_SHARE = 0.01  # a lost probe's cost may be at most this share of the time until the next
 MAX_WAIT = 30.0  # seconds between probes at most
 JUMP = 3.0  # a call this much slower than usual (the other core got busy) probes at once
