@@ -19,7 +19,9 @@ operations:
   1-128 rows, where ``addmm`` re-packs the weights on every call; packed, a sampling call of
   the reference's ``tiny`` model is about 1.4x faster. One row through the output layer is
   two half-vocabulary products (:func:`_halves`), one per thread;
-- ``precision="fp16"`` / ``"bf16"`` trade exactness for speed (see :class:`Engine`).
+- ``precision="fp16"`` / ``"bf16"`` trade exactness for speed (see :class:`Engine`);
+- the layer loop is :func:`bd3.sampling.backbone.layers`, compiled by TorchScript (a
+  sampling call is then ~0.8 ms shorter at the ``tiny`` size: no Python between operations).
 
 The KV cache layout is the model's (:class:`bd3.model.KVCache`: K after rotary, and V).
 """

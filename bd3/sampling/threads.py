@@ -7,7 +7,7 @@ thread, and a call gets 10-30x slower (measured on the 2-core machine this was b
 Neither is known in advance and either can change during a long run, so
 :class:`ThreadTuner` starts with one thread, watches how busy the machine is apart from
 this process (``/proc/stat``), moves to all threads once it has seen the other cores free
-for the first 0.25 s, and from then on, while they stay free, now and then runs a few calls
+for the first 0.1 s, and from then on, while they stay free, now and then runs a few calls
 with the other setting and keeps whichever was faster. The first call after a
 change of thread count is not timed: the thread pool wakes up during it and it can take 1.5x
 as long (measured), which made early probes lose. A lost probe makes the next one wait twice
