@@ -28,31 +28,27 @@ from bd3.model.backends import attend_with
 def linear(
     x: Tensor,
     kind: str,
-    packed: Optional[torch.classes.quantized.LinearPackedParamsBase],
-    weight: Optional[Tensor],
-    bias: Optional[Tensor],
+    packed: List[torch.classes.quantized.LinearPackedParamsBase],
+    weight: List[Tensor],
+    bias: List[Optional[Tensor]],
+    j: int,
     gelu: bool = False,
     residual: Optional[Tensor] = None,
 ) -> Tensor:
-    """``x @ W.T + b``, optionally through the tanh GELU or added to a residual; see
-    :class:`~bd3.sampling.engine.Linear` for the kinds."""
+    """Product ``j``: ``x @ W.T + b``, optionally through the tanh GELU or added to a
+    residual. ``packed[j]`` for the kind ``"fp16"`` (bias included), else ``weight[j]`` and
+    ``bias[j]``; see :class:`~bd3.sampling.engine.Linear` for the kinds."""
     if kind == "fp16":
-        assert packed is not None
-        y = torch.ops.quantized.linear_dynamic_fp16(x, packed)
+        y = torch.ops.quantized.linear_dynamic_fp16(x, packed[j])
+    elif kind == "onednn":
+        if residual is not None and residual.dtype == x.dtype:
+            return torch.ops.mkldnn._linear_pointwise(x, residual, weight[j], bias[j], "add")  # the binary overload
+        if gelu:
+            return torch.ops.mkldnn._linear_pointwise(x, weight[j], bias[j], "gelu", [], "tanh")
+        y = torch.ops.mkldnn._linear_pointwise(x, weight[j], bias[j], "none", [], "")
     else:
-        assert weight is not None
-        if kind == "onednn":
-            if residual is not None and residual.dtype == x.dtype:
-                return torch.ops.mkldnn._linear_pointwise(x, residual, weight, bias, "add")  # the binary overload
-            if gelu:
-                y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "gelu", [], "tanh")
-                gelu = False
-            else:
-                y = torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-        elif bias is None:
-            y = x @ weight
-        else:
-            y = torch.addmm(bias, x, weight)
+        b = bias[j]
+        y = x @ weight[j] if b is None else torch.addmm(b, x, weight[j])
     if gelu:
         y = F.gelu(y, approximate="tanh")
     return y if residual is None else residual + y
@@ -97,23 +93,11 @@ def layers(
     computed (the others still give keys and values)."""
     D = x.shape[1]
     hd = D // heads
-    n = (len(packed) if kind == "fp16" else len(weight)) // 4
+    n = len(bias) // 4
     end = length + S
     for i in range(n):
-        p0: Optional[torch.classes.quantized.LinearPackedParamsBase] = None
-        p1: Optional[torch.classes.quantized.LinearPackedParamsBase] = None
-        p2: Optional[torch.classes.quantized.LinearPackedParamsBase] = None
-        p3: Optional[torch.classes.quantized.LinearPackedParamsBase] = None
-        w0: Optional[Tensor] = None
-        w1: Optional[Tensor] = None
-        w2: Optional[Tensor] = None
-        w3: Optional[Tensor] = None
-        if kind == "fp16":
-            p0, p1, p2, p3 = packed[4 * i], packed[4 * i + 1], packed[4 * i + 2], packed[4 * i + 3]
-        else:
-            w0, w1, w2, w3 = weight[4 * i], weight[4 * i + 1], weight[4 * i + 2], weight[4 * i + 3]
         h = F.layer_norm(x, [D]).to(compute)
-        qkv = linear(h, kind, p0, w0, bias[4 * i]).to(dtype).view(B, S, 3, heads, hd)
+        qkv = linear(h, kind, packed, weight, bias, 4 * i).to(dtype).view(B, S, 3, heads, hd)
         qk = qkv[:, :, :2]
         qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # rotary on q and k together
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
@@ -138,9 +122,9 @@ def layers(
             S = Q
         if not xformers:
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
-        x = linear(a.transpose(1, 2).reshape(B * S, D).to(compute), kind, p1, w1, bias[4 * i + 1], residual=x)
-        h = linear(F.layer_norm(x, [D]).to(compute), kind, p2, w2, bias[4 * i + 2], gelu=True)
-        x = linear(h, kind, p3, w3, bias[4 * i + 3], residual=x)
+        x = linear(a.transpose(1, 2).reshape(B * S, D).to(compute), kind, packed, weight, bias, 4 * i + 1, residual=x)
+        h = linear(F.layer_norm(x, [D]).to(compute), kind, packed, weight, bias, 4 * i + 2, gelu=True)
+        x = linear(h, kind, packed, weight, bias, 4 * i + 3, residual=x)
     return x.view(B, S, D)
 
 

@@ -100,7 +100,13 @@ class Linear:
             self.weight = weight.t().contiguous()
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone.linear(x, self.kind, self.packed, self.weight, self.bias, gelu, residual)
+        return backbone.linear(x, self.kind, *weight_lists(self.kind, [self]), 0, gelu, residual)
+
+
+def weight_lists(kind: str, linears: list[Linear]) -> tuple[list, list, list]:
+    """:func:`bd3.sampling.backbone.linear`'s ``packed``, ``weight`` and ``bias`` lists."""
+    fp16 = kind == "fp16"
+    return [lin.packed for lin in linears] if fp16 else [], [] if fp16 else [lin.weight for lin in linears], [lin.bias for lin in linears]
 
 
 def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -178,13 +184,7 @@ class Engine:
             self.head = self._linear(head_w, head_b)
             self._halves = _halves(head_w, head_b) if self.kind == "onednn" and self.compute == torch.float32 else None
             self.inv_freq = model.rotary_emb.inv_freq.detach().double()
-        fp16 = self.kind == "fp16"
-        self._weights = (  # backbone.layers' arguments: kind, packed, weight, bias
-            self.kind,
-            [lin.packed for lin in linears] if fp16 else [],
-            [] if fp16 else [lin.weight for lin in linears],
-            [lin.bias for lin in linears],
-        )
+        self._weights = (self.kind, *weight_lists(self.kind, linears))  # backbone.layers' arguments
         self._layers = backbone.scripted() or backbone.layers
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
