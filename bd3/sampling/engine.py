@@ -98,9 +98,10 @@ class Linear:
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         else:
             self.weight = weight.t().contiguous()
+        self._lists = weight_lists(kind, [self])  # built once: the output layer runs every call
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone.linear(x, self.kind, *weight_lists(self.kind, [self]), 0, gelu, residual)
+        return backbone.linear(x, self.kind, *self._lists, 0, gelu, residual)
 
 
 def weight_lists(kind: str, linears: list[Linear]) -> tuple[list, list, list]:
