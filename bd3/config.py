@@ -18,6 +18,8 @@ from bd3.errors import Bd3Error
 
 ALGOS = ("bd3lm", "mdlm", "ar", "sedd")
 VARIANCES = ("paper", "block")
+TRAIN_ESTIMATORS = ("t", "k")  # bd3.diffusion.estimators has the evaluation's third, exact
+DEFAULT_TRAIN_ESTIMATOR = "t"
 PRECISIONS = ("auto", "fp32", "bf16")
 
 # The full interval used for every likelihood evaluation (the paper's U[1e-3, 1]).
@@ -73,6 +75,7 @@ class DiffusionConfig:
     block_size: int = 16  # tokens per block L'; must divide the length
     schedule: str = "linear"  # noise schedule spec, e.g. "cosine" or "gaussian:mu=0.5:sigma=0.2"
     weighting: str = "elbo"  # training loss reweighting: elbo, edm, iddpm, sigmoid:k=K, fm, simple
+    estimator: str = DEFAULT_TRAIN_ESTIMATOR  # training NELBO estimator: t (t per block, weight p'/p) or k (k masked per block, weight n/k)
     clip: tuple[float, float] = FULL_CLIP  # mask rates drawn from [beta, omega] during training
     resample: bool = False  # force each block's realised mask rate into the clip interval
     clip_search: bool = False  # at each validation, move the clip to the lowest-variance interval
@@ -90,6 +93,9 @@ class DiffusionConfig:
         self.schedule = canonical(self.schedule)
         get_schedule(self.schedule)
         parse_spec(self.weighting, WEIGHTING_DEFAULTS)
+        _check(self.estimator in TRAIN_ESTIMATORS, f"Unknown training estimator {self.estimator!r}; choose one of {', '.join(TRAIN_ESTIMATORS)}.")
+        _check(self.estimator == "t" or self.algo != "sedd",
+               "SEDD is time-conditioned, so the k estimator (which regroups the bound by the number of masked tokens) does not apply to it; use --estimator t.")
         _check(self.variance in VARIANCES, f"Unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}.")
         _check(self.block_size > 0, f"The block size must be positive, got {self.block_size}.")
         beta, omega = self.clip = (float(self.clip[0]), float(self.clip[1]))
@@ -198,6 +204,8 @@ class RunConfig:
             sub_cls = {"model": ModelConfig, "diffusion": DiffusionConfig, "data": DataConfig, "train": TrainConfig}[f.name]
             _reject_unknown(sub_cls, sub, f"config.{f.name}")
             kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in sub.items()}
+            if f.name == "diffusion":
+                kwargs.setdefault("estimator", "t")  # runs made before the k estimator trained with t
             try:
                 parts[f.name] = sub_cls(**kwargs)
             except TypeError as e:

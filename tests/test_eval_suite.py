@@ -241,10 +241,14 @@ def test_train_then_eval_each_algorithm(algo, ar_judge, tmp_path, capsys):
     b = run_json(["eval", run, *common, "--passes", 2, "--seed", 3], capsys)
     c = run_json(["eval", run, *common, "--passes", 2, "--seed", 4], capsys)
     assert a == b and a["algo"] == algo and a["bound"] == (algo != "ar") and 1 < a["ppl"] < 1e5
-    if algo == "ar":  # exact: nothing random
-        assert a["ppl_passes"][0] == a["ppl_passes"][1] == c["ppl_passes"][0]
+    for key in ("nelbo", "ppl", "nelbo_se", "ppl_ci95", "estimator", "passes", "tokens"):
+        assert key in a
+    if algo == "ar":  # exact: nothing random, one pass is the value
+        assert a["ppl_passes"] == c["ppl_passes"] and a["passes"] == 1 and a["nelbo_se"] == 0 and a["estimator"] == "exact"
     else:
-        assert a["ppl_passes"][0] != a["ppl_passes"][1] and c["ppl_passes"] != a["ppl_passes"]
+        assert a["ppl_passes"][0] != a["ppl_passes"][1] and c["ppl_passes"] != a["ppl_passes"] and a["estimator"] == "k"
+        low, high = a["ppl_ci95"]
+        assert low < a["ppl"] < high and a["nelbo_se"] > 0
 
     gen = ["eval", run, "--judge", ar_judge, "--num-samples", 2, "--max-tokens", 40, "--seed", 5, "--json", "--device", "cpu"]
     g = run_json([*gen, "--gen-ppl"], capsys)

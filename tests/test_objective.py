@@ -12,7 +12,8 @@ MASK = 39  # tiny_model has vocabulary 40
 
 
 def per_block_loop(model, x0, xt, t_tok, block_size, mask_id):
-    """One forward per block over the clean prefix plus the noisy block, SUBS, weight 1/t."""
+    """One forward per block over the clean prefix plus the noisy block, SUBS, weight 1/t
+    (the linear schedule: t is the mask rate)."""
     B, L = x0.shape
     out = torch.zeros(B, L)
     for b in range(L // block_size):
@@ -30,10 +31,11 @@ def test_vectorised_2l_loss_equals_per_block_loop(tiny_model):
     x0 = torch.randint(0, MASK, (3, 16), generator=g)
     for block_size in (1, 4, 8):
         cfg = DiffusionConfig(block_size=block_size)
-        t_tok, xt = draw_noise(x0, cfg, MASK, clip=(1e-3, 1.0), resample=False, generator=g)
+        noise = draw_noise(x0, cfg, MASK, clip=(1e-3, 1.0), resample=False, generator=g)
+        xt = noise.xt
         with torch.no_grad():
-            vec = nelbo(tiny_model, x0, xt, t_tok, cfg, MASK)
-            loop = per_block_loop(tiny_model, x0, xt, t_tok, block_size, MASK)
+            vec = nelbo(tiny_model, x0, noise, cfg, MASK)
+            loop = per_block_loop(tiny_model, x0, xt, noise.rate.float(), block_size, MASK)
         assert (xt == MASK).any()
         torch.testing.assert_close(vec.token_loss, loop, atol=1e-5, rtol=0)
         assert vec.count == 3 * 15
@@ -60,10 +62,10 @@ def test_mdlm_equals_bd3lm_at_block_size_length(tiny_model):
     g = torch.Generator().manual_seed(2)
     x0 = torch.randint(0, MASK, (2, 16), generator=g)
     bd3 = DiffusionConfig(block_size=16)
-    t_tok, xt = draw_noise(x0, bd3, MASK, clip=(1e-3, 1.0), resample=False, generator=g)
+    noise = draw_noise(x0, bd3, MASK, clip=(1e-3, 1.0), resample=False, generator=g)
     with torch.no_grad():
-        a = nelbo(tiny_model, x0, xt, t_tok, bd3, MASK)
-        b = nelbo(tiny_model, x0, xt, t_tok, DiffusionConfig(algo="mdlm", block_size=16), MASK)
+        a = nelbo(tiny_model, x0, noise, bd3, MASK)
+        b = nelbo(tiny_model, x0, noise, DiffusionConfig(algo="mdlm", block_size=16), MASK)
     torch.testing.assert_close(a.token_loss, b.token_loss, atol=1e-5, rtol=0)
 
 

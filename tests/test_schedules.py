@@ -59,9 +59,8 @@ def test_draws_of_t_and_of_mask_rates_match_their_distributions(spec, clip):
     s = get_schedule(spec)
     g = torch.Generator().manual_seed(0)
     x0 = torch.zeros(64, 256, dtype=torch.long)
-    t_tok, xt = draw_noise(x0, cfg, 99, clip=clip, resample=False, generator=g)
-    t = t_tok[:, ::4].flatten().double()  # one t per block
-    p = s.mask_prob(t)
+    p = draw_noise(x0, cfg, 99, clip=clip, resample=False, generator=g).rate[:, ::4].flatten()  # one rate per block
+    t = s.t_of(p)
     lo, hi = s.t_range(clip)
     assert p.min() >= clip[0] - 1e-9 and p.max() <= clip[1] + 1e-9  # clipped draws stay in range
     assert ks_statistic(t.numpy(), lambda x: (x - lo) / (hi - lo)) < KS_CRITICAL_1PCT

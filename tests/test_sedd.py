@@ -90,9 +90,10 @@ def test_sedd_objective_runs_time_conditioned(tiny_model):
     x0 = torch.randint(0, mask, (3, 16), generator=g)
     cfg = RunConfig(model=tiny_model.cfg, diffusion=DiffusionConfig(algo="sedd")).diffusion
     assert cfg.block_size == 16
-    t_tok, xt = draw_noise(x0, cfg, mask, clip=(1e-3, 1.0), resample=False, generator=g)
+    noise = draw_noise(x0, cfg, mask, clip=(1e-3, 1.0), resample=False, generator=g)
+    xt = noise.xt
     with torch.no_grad():
-        losses = sedd_nelbo(tiny_model, x0, xt, t_tok, cfg, mask)
+        losses = sedd_nelbo(tiny_model, x0, noise, cfg, mask)
         a = tiny_model(xt, sigma=torch.full((3,), 0.1))
         b = tiny_model(xt, sigma=torch.full((3,), 3.0))
     assert losses.count == 3 * 15 and (losses.token_loss[xt != mask] == 0).all()

@@ -6,17 +6,22 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
+import math
+from contextlib import contextmanager
+
 import numpy as np
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
 from bd3.cli import options as o
 from bd3.cli.common import err, load_model, open_run, print_table, run_shards, run_tokenizer
 from bd3.config import FULL_CLIP, VARIANCES, RunConfig
+from bd3.diffusion.estimators import resolve_estimator
 from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
 from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples
 from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import nelbo_variance
+from bd3.evaluate.variance import nelbo_variance, variance_key
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
 from bd3.model.backends import resolve_attn
 from bd3.runtime import configure_model, resolve_device, resolve_precision
@@ -40,12 +45,36 @@ def _evaluated_as(cfg: RunConfig, block_size: int | None, schedule: str | None =
         raise typer.BadParameter(str(e)) from None
 
 
+AUTO_MAX_PASSES = 32  # --passes auto without --max-passes, on a set of at most AUTO_CAP_TOKENS per pass
+AUTO_CAP_TOKENS = 2_000_000
+
+
+def _check_passes(value: str) -> str:
+    if value == "auto" or (value.isdigit() and int(value) >= 1):
+        return value
+    raise typer.BadParameter(f"{value!r} is neither a positive number of passes nor auto.")
+
+
+def _check_ci_width(value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"the interval width must be a positive number of nats, got {value}.")
+    return value
+
+
 def evaluate(
     run: o.RunArg = None,
     split: Split = "valid",
     block_size: o.BlockSize = None,
     schedule: Annotated[Optional[str], typer.Option(help="Noise schedule of the NELBO estimate (any gives the same bound in expectation). Default: linear.", show_default=False)] = None,
-    passes: Annotated[int, typer.Option(help="Monte-Carlo passes over the split (mean and spread reported).", min=1)] = 1,
+    estimator: Annotated[
+        Optional[str],
+        typer.Option(help="NELBO estimator: exact (every mask pattern of a block; block size <= 8), k (the number of masked tokens "
+                     "stratified per block; the default) or t (the reference's t ~ U[1e-3, 1]). AR runs are exact, SEDD runs use t.",
+                     show_default=False),
+    ] = None,
+    passes: Annotated[str, typer.Option(help="Monte-Carlo passes over the split, or auto: add passes until the 95 % interval is --ci-width wide.", callback=_check_passes)] = "1",
+    ci_width: Annotated[float, typer.Option(help="With --passes auto: the widest 95 % interval of the NELBO accepted, in nats per token.", callback=_check_ci_width)] = 0.02,
+    max_passes: Annotated[Optional[int], typer.Option(help=f"With --passes auto: stop after N passes (default {AUTO_MAX_PASSES}; needed above {AUTO_CAP_TOKENS:,} tokens per pass).", min=1, show_default=False)] = None,
     zero_shot: Annotated[
         Optional[list[str]],
         typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)} (comma-separated or repeated).", show_default=False),
@@ -95,8 +124,9 @@ def evaluate(
     if gen_ppl or samples is not None:
         if zero_shot:
             raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
-        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--passes", passes, 1),
-                                     ("--data", data, None), ("--max-batches", max_batches, None), ("--compile", compile_, False)):
+        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--passes", passes, "1"),
+                                     ("--estimator", estimator, None), ("--max-passes", max_passes, None), ("--data", data, None),
+                                     ("--max-batches", max_batches, None), ("--compile", compile_, False)):
             if value != default:
                 raise typer.BadParameter("applies to the perplexity of a split, not to --gen-ppl.", param_hint=name)
         o.check_stop(stop)
@@ -118,38 +148,80 @@ def evaluate(
             raise typer.BadParameter(f"{name!r} is not one of {', '.join(ZERO_SHOT_SETS)}.", param_hint="--zero-shot")
     if data is not None and len(names) != 1:
         raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one.", param_hint="--data")
+    d = cfg.diffusion
+    try:
+        estimator = resolve_estimator(d.algo, d.block_size, estimator)
+    except Bd3Error as e:
+        raise typer.BadParameter(str(e), param_hint="--estimator") from None
+    if estimator == "exact" and passes != "1" and d.algo != "ar":
+        raise typer.BadParameter("--estimator exact is deterministic: one pass gives the exact value.", param_hint="--passes")
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
+
+    def score(rows: np.ndarray) -> dict:
+        limit = max_passes
+        if passes == "auto" and limit is None:
+            tokens = min(len(rows), max_batches * batch_size if max_batches else len(rows)) * rows.shape[1]
+            if tokens > AUTO_CAP_TOKENS:
+                raise Bd3Error(f"--passes auto on {tokens:,} tokens per pass needs a cap: add --max-passes N (each pass scores every token).")
+            limit = AUTO_MAX_PASSES
+        with _pass_progress(passes == "auto", limit, ci_width) as on_pass:
+            return nelbo_perplexity(
+                model, rows, d, cfg.data.mask_id, estimator=estimator, batch_size=batch_size, max_batches=max_batches,
+                passes=passes if passes == "auto" else int(passes), ci_width=ci_width, max_passes=limit, seed=seed, device=dev,
+                precision=resolve_precision(precision, dev), on_pass=on_pass,
+            )
+
+    columns = [("tokens", "tokens"), ("nelbo_label", "NELBO / token ± s.e."), ("ppl_label", "perplexity (95 % interval)")]
     if names:
         run_tokenizer(r)
-        results = []
-        for name in names:
-            rows = zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)
-            res = nelbo_perplexity(
-                model, rows, cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
-                passes=passes, seed=seed, device=dev, precision=resolve_precision(precision, dev),
-            )
-            results.append({**res, "set": name, "ppl_label": f"{'<= ' if res['bound'] else ''}{res['ppl']:.3f}"})
+        results = [{**score(zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)), "set": name} for name in names]
         print_table(
-            f"bd3 eval {r.path}: zero-shot", results,
-            [("set", "set"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", "perplexity")],
-            json_, {"run": str(r.path), "algo": cfg.diffusion.algo, "block_size": cfg.diffusion.block_size, "zero_shot": results},
+            f"bd3 eval {r.path}: zero-shot, {_how(results[0])}", [_labelled(x) for x in results], [("set", "set"), *columns],
+            json_, {"run": str(r.path), "algo": d.algo, "block_size": d.block_size, "zero_shot": results},
         )
         return
-    result = nelbo_perplexity(
-        model, run_shards(r).rows(split), cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
-        passes=passes, seed=seed, device=dev, precision=resolve_precision(precision, dev),
-    )
-    result.update(run=str(r.path), split=split, algo=cfg.diffusion.algo, block_size=cfg.diffusion.block_size)
-    label = "perplexity (upper bound: NELBO)" if result["bound"] else "perplexity (exact NLL)"
-    row = {**result, "ppl_label": f"{'<= ' if result['bound'] else ''}{result['ppl']:.3f}"}
-    if passes > 1:
-        row["ppl_label"] += f"  (passes {', '.join(f'{p:.3f}' for p in result['ppl_passes'])})"
+    result = score(run_shards(r).rows(split))
+    result.update(run=str(r.path), split=split, algo=d.algo, block_size=d.block_size)
     print_table(
-        f"bd3 eval {r.path}", [row],
-        [("split", "split"), ("block_size", "block size"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", label)],
+        f"bd3 eval {r.path}: {_how(result)}", [_labelled(result)], [("split", "split"), ("block_size", "block size"), *columns],
         json_, result,
     )
+
+
+def _how(result: dict) -> str:
+    """How the numbers were estimated, for a table's title."""
+    if not result["bound"]:
+        return "exact NLL (AR)"
+    if result["estimator"] == "exact":
+        return "NELBO bound, exact (every mask pattern)"
+    return f"NELBO bound, estimator {result['estimator']}, {result['passes']} pass{'es' if result['passes'] > 1 else ''}"
+
+
+def _labelled(result: dict) -> dict:
+    """A result with its table labels: ``7.1234 ± 0.0050`` and ``<= 1240.5 (1228.3-1252.9)``."""
+    low, high = result["ppl_ci95"]
+    interval = f" ({low:.2f}-{high:.2f})" if result["nelbo_se"] > 0 else " (exact)"
+    return {
+        **result, "nelbo_label": f"{result['nelbo']:.4f} ± {result['nelbo_se']:.4f}",
+        "ppl_label": f"{'<= ' if result['bound'] else ''}{result['ppl']:.2f}{interval}",
+    }
+
+
+@contextmanager
+def _pass_progress(auto: bool, max_passes: int, ci_width: float):
+    """With --passes auto: a progress bar over passes that shows the interval's width."""
+    if not auto:
+        yield None
+        return
+    with Progress(TextColumn("passes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[width]}"), console=err, transient=True) as bar:
+        task = bar.add_task("passes", total=max_passes, width="")
+
+        def on_pass(done: int, stats: dict) -> None:
+            low, high = stats["nelbo_ci95"]
+            bar.update(task, completed=done, width=f"95 % interval {high - low:.4f} nats (target {ci_width:g})")
+
+        yield on_pass
 
 
 def variance(
@@ -178,7 +250,9 @@ def variance(
 
     'Var (paper)' is the variance across batches of the batch NELBO (paper eq. 9-10), the
     default criterion; 'Var (per block)' is the reference code's within-batch variance of
-    per-block estimates. The minimiser is marked. NELBO is a bound only for [0.001, 1].
+    per-block estimates. Each is shown for the paper's training estimator t (t drawn from
+    the interval, weight p'/p), whose minimiser is marked, and for the k estimator (masked
+    counts from the interval, weight n/k). NELBO is a bound only for [0.001, 1].
 
     Examples:
 
@@ -204,17 +278,19 @@ def variance(
         model, rows, cfg.diffusion, cfg.data.mask_id, intervals, schedules=schedules, batch_size=batch_size,
         max_batches=max_batches, seed=seed, device=dev, precision=resolve_precision(precision, dev),
     )
-    best = min(results, key=lambda x: x[f"var_{kind}"])
+    best = min(results, key=lambda x: x[variance_key(kind, "t")])
+    best_k = min(results, key=lambda x: x[variance_key(kind, "k")])
     for x in results:
         x["interval"] = f"[{x['beta']:g}, {x['omega']:g}]" + ("  <- lowest" if x is best else "")
         x["best"] = x is best
-    columns = [("interval", "interval"), ("nelbo", "NELBO / token"), ("var_paper", "Var (paper)"), ("var_block", "Var (per block)")]
+    columns = [("interval", "interval"), ("nelbo", "NELBO / token"), ("var_paper", "Var t (paper)"), ("var_block", "Var t (per block)"),
+               ("var_paper_k", "Var k (paper)"), ("var_block_k", "Var k (per block)")]
     if schedules:
         columns.insert(0, ("schedule", "schedule"))
     print_table(
         f"bd3 variance {r.path} (block size {cfg.diffusion.block_size}, {results[0]['batches']} batches of {batch_size})",
         results, columns, json_,
-        {"run": str(r.path), "block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "intervals": results},
+        {"run": str(r.path), "block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "best_k": best_k, "intervals": results},
     )
     if plot is not None:
         _plot(results, kind, plot)

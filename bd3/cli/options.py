@@ -8,6 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
+from bd3.config import TRAIN_ESTIMATORS
 from bd3.model.backends import ATTN_BACKENDS
 from bd3.sampling.block import RULES, STOPS, Decoding
 
@@ -86,6 +87,22 @@ Clip = Annotated[
 
 
 # -- sampling: `bd3 sample`, and `bd3 eval --gen-ppl`, which generates its samples the same way
+
+def _check_train_estimator(value: str) -> str:
+    if value not in TRAIN_ESTIMATORS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(TRAIN_ESTIMATORS)}.")
+    return value
+
+
+TrainEstimator = Annotated[
+    str,
+    typer.Option(
+        "--estimator", callback=_check_train_estimator,
+        help="Training NELBO estimator: k (draw the number k of masked tokens per block, weight n/k: unbiased, weights at most n) "
+        "or t (the paper's: t per block, weight p'(t)/p(t), up to 1000). --clip bounds the mask rate k/n or p(t).",
+    ),
+]
+
 
 Sampler = Annotated[
     Optional[str],

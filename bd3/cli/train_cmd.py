@@ -11,7 +11,7 @@ import typer
 
 from bd3.cli import options as o
 from bd3.cli.common import err, open_run, run_shards, shards_for
-from bd3.config import ALGOS, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
+from bd3.config import ALGOS, DEFAULT_TRAIN_ESTIMATOR, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
 from bd3.errors import Bd3Error
 from bd3.model.backends import resolve_attn
 from bd3.runs import new_run_name
@@ -73,6 +73,7 @@ def pretrain(
     resample: Resample = False,
     schedule: Schedule = "linear",
     weighting: Weighting = "elbo",
+    estimator: o.TrainEstimator = DEFAULT_TRAIN_ESTIMATOR,
     clip_search: ClipSearch = False,
     fix_clip: FixClip = False,
     variance: Variance = "paper",
@@ -124,7 +125,7 @@ def pretrain(
             model=model_config(model, length, causal=algo == "ar"),
             diffusion=DiffusionConfig(
                 algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample, schedule=schedule,
-                weighting=weighting, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
+                weighting=weighting, estimator=estimator, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
             ),
             data=DataConfig(data=data, tokenizer=tokenizer),
             train=TrainConfig(
@@ -144,6 +145,7 @@ def finetune(
     resample: Resample = False,
     schedule: Annotated[Optional[str], typer.Option(help="Noise schedule (see pretrain). Default: the parent's.", show_default=False)] = None,
     weighting: Annotated[Optional[str], typer.Option(help="Loss reweighting (see pretrain). Default: the parent's.", show_default=False)] = None,
+    estimator: o.TrainEstimator = DEFAULT_TRAIN_ESTIMATOR,
     clip_search: ClipSearch = False,
     fix_clip: FixClip = False,
     variance: Variance = "paper",
@@ -194,7 +196,7 @@ def finetune(
             diffusion=replace(
                 pcfg.diffusion, algo="bd3lm", block_size=block_size or pcfg.diffusion.block_size,
                 clip=clip or pcfg.diffusion.clip, resample=resample, schedule=schedule or pcfg.diffusion.schedule,
-                weighting=weighting or pcfg.diffusion.weighting, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
+                weighting=weighting or pcfg.diffusion.weighting, estimator=estimator, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
             ),
             data=pcfg.data,
             train=replace(

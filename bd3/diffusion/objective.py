@@ -19,7 +19,8 @@ from dataclasses import dataclass
 
 import torch
 
-from bd3.config import DiffusionConfig
+from bd3.config import FULL_CLIP, DiffusionConfig
+from bd3.diffusion.estimators import draw_counts, exact_patterns, maskable_positions
 from bd3.diffusion.masks import block_diff_mask
 from bd3.diffusion.noise import T_MIN, corrupt, resample_corrupt, sample_t
 from bd3.diffusion.schedules import get_schedule
@@ -48,6 +49,28 @@ class Losses:
         return self.token_loss.view(B, L // block_size, block_size).mean(-1)
 
 
+@dataclass
+class Noise:
+    """A batch's noise: which tokens are masked and what each masked token's NLL weighs."""
+
+    xt: torch.Tensor  # (B, L) x0 with the masked positions set to the mask id
+    weight: torch.Tensor  # (B, L) float64 NELBO weight of a token if it is masked
+    rate: torch.Tensor  # (B, L) float64 mask rate of the token's block (weightings; SEDD's sigma)
+
+    @classmethod
+    def masking(cls, x0: torch.Tensor, masked: torch.Tensor, mask_id: int, weight: torch.Tensor, rate: torch.Tensor) -> Noise:
+        return cls(torch.where(masked, torch.full_like(x0, mask_id), x0), weight, rate)
+
+    @classmethod
+    def at_times(cls, xt: torch.Tensor, t_tok: torch.Tensor, schedule: str) -> Noise:
+        """The noise of estimator ``t`` given x_t and each token's time ``t_tok`` (B, L)."""
+        s, t = get_schedule(schedule), t_tok.double()
+        return cls(xt, s.weight(t), s.mask_prob(t))
+
+    def rows(self, index) -> Noise:
+        return Noise(self.xt[index], self.weight[index], self.rate[index])
+
+
 def diffusion_loss(
     model,
     x0: torch.Tensor,
@@ -57,29 +80,34 @@ def diffusion_loss(
     clip: tuple[float, float] | None = None,
     resample: bool | None = None,
     weighting: str | None = None,
+    estimator: str | None = None,
     generator: torch.Generator | None = None,
 ) -> Losses:
     """The (weighted) NELBO of a batch of clean sequences ``x0`` (B, L) under ``cfg``.
 
-    ``clip``, ``resample`` and ``weighting`` default to the training settings in ``cfg``;
-    evaluation passes ``clip=FULL_CLIP, resample=False, weighting="elbo"``.
+    ``clip``, ``resample``, ``weighting`` and ``estimator`` (``t`` or ``k``) default to the
+    training settings in ``cfg``; evaluation passes ``clip=FULL_CLIP, resample=False,
+    weighting="elbo"``.
     """
     if cfg.algo == "ar":
         return ar_loss(model, x0, mask_id)
-    t_tok, xt = draw_noise(x0, cfg, mask_id, clip=cfg.clip if clip is None else clip,
-                           resample=cfg.resample if resample is None else resample, generator=generator)
-    return loss_given_noise(model, x0, xt, t_tok, cfg, mask_id, weighting=cfg.weighting if weighting is None else weighting)
+    noise = draw_noise(x0, cfg, mask_id, clip=cfg.clip if clip is None else clip,
+                       resample=cfg.resample if resample is None else resample,
+                       estimator=cfg.estimator if estimator is None else estimator, generator=generator)
+    return loss_given_noise(model, x0, noise, cfg, mask_id, weighting=cfg.weighting if weighting is None else weighting)
 
 
-def loss_given_noise(
-    model, x0: torch.Tensor, xt: torch.Tensor | None, t_tok: torch.Tensor | None, cfg: DiffusionConfig, mask_id: int,
-    *, weighting: str = "elbo",
-) -> Losses:
-    """The algorithm's loss of ``x0`` given its noise (``xt``, ``t_tok``; None for ``ar``)."""
+def loss_given_noise(model, x0: torch.Tensor, noise: Noise | None, cfg: DiffusionConfig, mask_id: int, *, weighting: str = "elbo") -> Losses:
+    """The algorithm's loss of ``x0`` given its noise (None for ``ar``)."""
     if cfg.algo == "ar":
         return ar_loss(model, x0, mask_id)
     loss = sedd_nelbo if cfg.algo == "sedd" else nelbo
-    return loss(model, x0, xt, t_tok, cfg, mask_id, weighting=weighting)
+    return loss(model, x0, noise, cfg, mask_id, weighting=weighting)
+
+
+def block_size_of(cfg: DiffusionConfig, length: int) -> int:
+    """The diffusion block: the whole length for MDLM and SEDD."""
+    return length if cfg.algo in ("mdlm", "sedd") else cfg.block_size
 
 
 def draw_noise(
@@ -89,24 +117,36 @@ def draw_noise(
     *,
     clip: tuple[float, float],
     resample: bool,
+    estimator: str = "t",
+    maskable: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """t per token (constant within each block) and the corrupted sequence x_t.
+) -> Noise:
+    """The noise of estimator ``t`` (t per block, each token masked with probability p(t),
+    weight p'(t)/p(t)) or ``k`` (a uniform count k per block, weight m/k; see
+    :mod:`bd3.diffusion.estimators`), masking only ``maskable`` positions (default: all but
+    a given BOS).
 
-    ``clip`` bounds the mask rate (never below ``T_MIN``); t is drawn from the range that the
-    schedule maps onto it."""
+    ``clip`` bounds the mask rate (never below ``T_MIN`` for ``t``); t is drawn from the range
+    that the schedule maps onto it. ``resample`` applies to ``t`` (a count is exact)."""
     B, L = x0.shape
-    block_size = L if cfg.algo in ("mdlm", "sedd") else cfg.block_size
+    block_size = block_size_of(cfg, L)
+    if estimator == "k":
+        if maskable is None:
+            maskable = maskable_positions((B, L), cfg.ignore_bos, x0.device)
+        masked, weight, rate = draw_counts(maskable, block_size, clip, generator=generator, antithetic=cfg.antithetic)
+        return Noise.masking(x0, masked, mask_id, weight, rate)
     schedule = get_schedule(cfg.schedule)
     t_range = schedule.t_range((max(clip[0], T_MIN), max(clip[1], T_MIN)))
     t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, device=x0.device)
     t_tok = t.repeat_interleave(block_size, dim=1)
-    p_tok = schedule.mask_prob(t_tok.double()).float()
+    rate = schedule.mask_prob(t_tok.double())
     if resample:
-        xt = resample_corrupt(x0, p_tok, mask_id, block_size, clip, generator=generator, keep_first=cfg.ignore_bos)
+        xt = resample_corrupt(x0, rate.float(), mask_id, block_size, clip, generator=generator, keep_first=cfg.ignore_bos)
     else:
-        xt = corrupt(x0, p_tok, mask_id, generator=generator, keep_first=cfg.ignore_bos)
-    return t_tok, xt
+        xt = corrupt(x0, rate.float(), mask_id, generator=generator, keep_first=cfg.ignore_bos)
+    if maskable is not None:
+        xt = torch.where(maskable, xt, x0)
+    return Noise.at_times(xt, t_tok, cfg.schedule)
 
 
 def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig):
@@ -120,40 +160,75 @@ def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionCon
     return model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, first=L)
 
 
-def nelbo(
-    model, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
-    *, weighting: str = "elbo",
-) -> Losses:
-    """Weighted NLL of the masked tokens given x_t and the noise levels ``t_tok`` (B, L):
-    the NELBO with ``weighting="elbo"``, a reweighted objective otherwise."""
+def nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask_id: int, *, weighting: str = "elbo") -> Losses:
+    """Weighted NLL of the masked tokens given the noise: the NELBO with
+    ``weighting="elbo"``, a reweighted objective otherwise."""
     B, L = x0.shape
-    h, c = denoiser_hidden(model, xt, x0, cfg)
-    masked = xt == mask_id
+    h, c = denoiser_hidden(model, noise.xt, x0, cfg)
+    masked = noise.xt == mask_id
     nll = model.nll(h[masked], c, x0[masked], mask_id)
     token_loss = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
-    schedule, t = get_schedule(cfg.schedule), t_tok[masked]
-    token_loss[masked] = token_weight(weighting, schedule.weight(t), schedule.mask_prob(t.double())) * nll
+    token_loss[masked] = token_weight(weighting, noise.weight[masked].float(), noise.rate[masked]) * nll
     return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
 
 
-def sedd_nelbo(
-    model, x0: torch.Tensor, xt: torch.Tensor, t_tok: torch.Tensor, cfg: DiffusionConfig, mask_id: int,
-    *, weighting: str = "elbo",
-) -> Losses:
+def sedd_nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask_id: int, *, weighting: str = "elbo") -> Losses:
     """SEDD's diffusion-weighted score entropy of the masked tokens (a bound on the NLL
     with ``weighting="elbo"``): one stream, the model conditioned on each sequence's total
     noise sigma = -log(1 - p) (t is one per sequence: block size = length)."""
     B, L = x0.shape
-    schedule = get_schedule(cfg.schedule)
-    h, c = model.hidden_states(xt, sigma=total_noise(schedule.mask_prob(t_tok[:, 0].double())).float())
-    masked = xt == mask_id
+    h, c = model.hidden_states(noise.xt, sigma=total_noise(noise.rate[:, 0]).float())
+    masked = noise.xt == mask_id
     rows = masked.nonzero()[:, 0]
     logits = model.logits(h[masked], c[rows])
-    t = t_tok[masked].double()
-    w = token_weight(weighting, schedule.weight(t), schedule.mask_prob(t))
+    w = token_weight(weighting, noise.weight[masked], noise.rate[masked])
     token_loss = torch.zeros(B, L, device=x0.device, dtype=torch.float32)
     token_loss[masked] = sedd_token_loss(logits, x0[masked], w, mask_id)
     return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
+
+
+def row_nelbo(
+    model,
+    x0: torch.Tensor,
+    cfg: DiffusionConfig,
+    mask_id: int,
+    estimator: str,
+    *,
+    maskable: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """(B,) float64: each row's NELBO in nats (summed over its tokens) under ``estimator``
+    (exact, k or t; see :mod:`bd3.diffusion.estimators`), counting only the ``maskable``
+    positions (default: all but a given BOS); the other positions stay clean context.
+    AR runs: the exact next-token NLL of the maskable positions."""
+    if maskable is None:
+        maskable = scored_positions(x0.shape, cfg, x0.device)
+    if cfg.algo == "ar":
+        return (ar_loss(model, x0, mask_id).token_loss.double() * maskable).sum(1)
+    if estimator == "exact":
+        return exact_nelbo(model, x0, cfg, mask_id, maskable)[0]
+    noise = draw_noise(x0, cfg, mask_id, clip=FULL_CLIP, resample=False, estimator=estimator, maskable=maskable, generator=generator)
+    return loss_given_noise(model, x0, noise, cfg, mask_id).token_loss.double().sum(1)
+
+
+def scored_positions(shape: tuple[int, int], cfg: DiffusionConfig, device: torch.device | str = "cpu") -> torch.Tensor:
+    """(B, L) True at the positions a likelihood counts: all but a given BOS (AR: all but the
+    first token, which has no prefix)."""
+    return maskable_positions(shape, cfg.ignore_bos or cfg.algo == "ar", device)
+
+
+def exact_nelbo(
+    model, x0: torch.Tensor, cfg: DiffusionConfig, mask_id: int, maskable: torch.Tensor, t_mins: tuple[float, ...] = (0.0,),
+) -> list[torch.Tensor]:
+    """Each row's NELBO (B,) float64 by enumerating every mask pattern of a block, for mask
+    rates in [t_min, 1] per ``t_min`` (0: the bound; 1e-3: the reference's interval)."""
+    totals = [torch.zeros(x0.shape[0], dtype=torch.float64, device=x0.device) for _ in t_mins]
+    for masked, weights in exact_patterns(maskable, block_size_of(cfg, x0.shape[1]), t_mins):
+        noise = Noise.masking(x0, masked, mask_id, masked.double(), torch.zeros_like(weights[0]))  # weight 1: the plain NLL
+        nll = nelbo(model, x0, noise, cfg, mask_id).token_loss.double()
+        for total, weight in zip(totals, weights):
+            total += (weight * nll).sum(1)
+    return totals
 
 
 def ar_loss(model, x0: torch.Tensor, mask_id: int) -> Losses:

@@ -195,10 +195,10 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, x0, xt, t_tok, cfg, mask_id: int) -> torch.Tensor:
-        """The mean training loss of rows ``x0`` given their noise (``xt``, ``t_tok``), as
-        ``diffusion_loss`` computes it after drawing the noise."""
-        return loss_given_noise(self.model, x0, xt, t_tok, cfg, mask_id, weighting=cfg.weighting).mean
+    def forward(self, x0, noise, cfg, mask_id: int) -> torch.Tensor:
+        """The mean training loss of rows ``x0`` given their noise (a ``Noise``, None for AR),
+        as ``diffusion_loss`` computes it after drawing the noise."""
+        return loss_given_noise(self.model, x0, noise, cfg, mask_id, weighting=cfg.weighting).mean
 
 
 def wrap(model: nn.Module, par: Parallel, device: torch.device) -> nn.Module:

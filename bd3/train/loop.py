@@ -25,10 +25,11 @@ from bd3 import __version__
 from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
 from bd3.diffusion.clip_search import clip_grid
+from bd3.diffusion.estimators import resolve_estimator
 from bd3.diffusion.objective import diffusion_loss, draw_noise
 from bd3.errors import Bd3Error, Stopped
 from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import nelbo_variance
+from bd3.evaluate.variance import nelbo_variance, variance_key
 from bd3.model import DiT
 from bd3.model.backends import resolve_attn
 from bd3.runs import Run, load_strict, load_tensors
@@ -163,14 +164,14 @@ class Trainer:
         Every process draws the global batch and its noise (the same generator state
         everywhere), then computes its own rows; the loss and gradient are global means."""
         d, mask_id = self.cfg.diffusion, self.cfg.data.mask_id
-        xt = t_tok = None
+        noise = None
         if d.algo != "ar":
             with autocast(self.device, self.precision):
-                t_tok, xt = draw_noise(x0, d, mask_id, clip=d.clip, resample=d.resample, generator=self.noise)
+                noise = draw_noise(x0, d, mask_id, clip=d.clip, resample=d.resample, estimator=d.estimator, generator=self.noise)
         total = torch.zeros((), device=self.device)
         for k, rows in enumerate(self.local_rows):
             with dist_.sync_gradients(self.engine, k == len(self.local_rows) - 1), autocast(self.device, self.precision):
-                loss = self.engine(x0[rows], None if xt is None else xt[rows], None if t_tok is None else t_tok[rows], d, mask_id)
+                loss = self.engine(x0[rows], None if noise is None else noise.rows(rows), d, mask_id)
             (loss / self.accum).backward()
             total += loss.detach()
         return self.par.mean(total / self.accum)
@@ -446,12 +447,13 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
         valid = shards.rows("valid")
         with trainer.ema_weights(ema) as model:
             result = nelbo_perplexity(
-                model, valid, cfg.diffusion, cfg.data.mask_id, batch_size=tcfg.batch_size,
-                max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
+                model, valid, cfg.diffusion, cfg.data.mask_id, estimator=validation_estimator(cfg.diffusion),
+                batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
             )
             if cfg.diffusion.clip_search:
                 _clip_search(trainer, run, model, valid)
-        run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
+        run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_nelbo_se": result["nelbo_se"],
+                 "valid_ppl": result["ppl"], "valid_ppl_ci95": result["ppl_ci95"], "estimator": result["estimator"]})
         run.record_best(path, trainer.step, result["nelbo"])
         if tcfg.keep_last:
             run.prune(tcfg.keep_last)
@@ -461,6 +463,12 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
     clip = par.broadcast(list(trainer.cfg.diffusion.clip) if par.main else None)
     if not par.main:
         trainer.cfg = replace(cfg, diffusion=replace(cfg.diffusion, clip=tuple(clip)))
+
+
+def validation_estimator(d) -> str:
+    """Validation scores with the evaluation's default estimator (k for BD3-LM and MDLM: the
+    lowest variance), whatever the training estimator."""
+    return resolve_estimator(d.algo, d.block_size, None)
 
 
 def _clip_search(trainer: Trainer, run: Run, model, valid: np.ndarray) -> None:
@@ -474,12 +482,13 @@ def _clip_search(trainer: Trainer, run: Run, model, valid: np.ndarray) -> None:
         model, valid, d, cfg.data.mask_id, clip_grid(), batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches,
         seed=tcfg.seed, device=trainer.device, precision=trainer.precision,
     )
-    best = min(scores, key=lambda r: r[f"var_{d.variance}"])
+    criterion = variance_key(d.variance, d.estimator)
+    best = min(scores, key=lambda r: r[criterion])
     chosen = (best["beta"], best["omega"])
     run.log({
-        "step": trainer.step, "event": "clip_search", "variance": d.variance, "clip": list(d.clip), "best": list(chosen),
-        "applied": not d.fix_clip,
-        "scores": [{k: r[k] for k in ("beta", "omega", "nelbo", "var_paper", "var_block")} for r in scores],
+        "step": trainer.step, "event": "clip_search", "variance": d.variance, "estimator": d.estimator, "clip": list(d.clip),
+        "best": list(chosen), "applied": not d.fix_clip,
+        "scores": [{k: v for k, v in r.items() if k not in ("schedule", "batches")} for r in scores],
     })
     if not d.fix_clip and chosen != tuple(d.clip):
         trainer.cfg = run.config = replace(cfg, diffusion=replace(d, clip=chosen))
@@ -493,13 +502,15 @@ def _summarise(trainer: Trainer, run: Run, shards: TokenShards, console: Console
     unigram = unigram_perplexity(shards.unigram_counts("train"), valid[: tcfg.eval_batches * tcfg.batch_size])
     summary = {
         "event": "summary", "step": trainer.step, "elapsed_s": elapsed, "valid_nelbo": result["nelbo"],
-        "valid_ppl": result["ppl"], "valid_tokens": result["tokens"], "unigram_ppl": unigram, "bound": result["bound"],
+        "valid_nelbo_se": result["nelbo_se"], "valid_ppl": result["ppl"], "valid_ppl_ci95": result["ppl_ci95"],
+        "estimator": result["estimator"], "valid_tokens": result["tokens"], "unigram_ppl": unigram, "bound": result["bound"],
     }
     run.log(summary)
     bound = "<= " if result["bound"] else ""
+    low, high = result["ppl_ci95"]
     console.print(
-        f"Done in {elapsed / 60:.1f} min: validation perplexity {bound}{result['ppl']:.2f} "
-        f"(unigram model of the same tokens: {unigram:.2f}) over {result['tokens']} tokens. Run: {run.path}"
+        f"Done in {elapsed / 60:.1f} min: validation perplexity {bound}{result['ppl']:.2f} (95 % interval {low:.2f}-{high:.2f}, "
+        f"estimator {result['estimator']}; unigram model of the same tokens: {unigram:.2f}) over {result['tokens']} tokens. Run: {run.path}"
     )
     return summary
 
