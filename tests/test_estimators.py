@@ -221,3 +221,31 @@ def test_intervals():
     one = nelbo_interval(sums[:1], counts)  # one pass: the spread across rows
     assert one["nelbo_se"] == pytest.approx(sums[0].std(ddof=1) / math.sqrt(50) / 5)
     assert nelbo_interval(sums, counts, deterministic=True)["nelbo_se"] == 0
+
+
+def test_mask_tokens_in_x0_are_unknown_context_not_targets(tiny_model):
+    """A row that ends before the model length is filled with mask tokens: every estimator
+    scores only the real tokens, and exact equals brute force with the filler masked."""
+    x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(5))
+    x[:, 10:] = MASK
+    scored = maskable_positions(x.shape, True) & (x != MASK)
+    cfg = DiffusionConfig(block_size=4)
+    with torch.no_grad():
+        exact = row_nelbo(tiny_model, x, cfg, MASK, "exact", maskable=scored)
+        for est in ("k", "t"):
+            assert torch.isfinite(row_nelbo(tiny_model, x, cfg, MASK, est, maskable=scored, generator=torch.Generator().manual_seed(0))).all()
+        brute = torch.zeros(2, dtype=torch.float64)
+        u = torch.linspace(0.0, 1.0, 200001, dtype=torch.float64)
+        for b in range(3):  # blocks 0..2 hold the scored tokens 1..9
+            s, e = 4 * b, 4 * b + 4
+            positions = [i for i in range(s, e) if scored[0, i]]
+            m = len(positions)
+            for k in range(1, m + 1):
+                weight = float(torch.trapezoid(u ** (k - 1) * (1 - u) ** (m - k), u))
+                for subset in itertools.combinations(positions, k):
+                    block = x[:, s:e].clone()
+                    block[:, [i - s for i in subset]] = MASK
+                    logits = tiny_model(torch.cat([x[:, :s], block], dim=1), attn_mask=block_causal_mask(e, 4), last=4)
+                    logp = subs_log_probs(logits, block, MASK).gather(-1, x[:, s:e, None].clamp(max=MASK - 1))[..., 0].double()
+                    brute -= weight * logp[:, [i - s for i in subset]].sum(1)
+    torch.testing.assert_close(exact / 9, brute / 9, atol=1e-5, rtol=0)

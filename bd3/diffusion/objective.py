@@ -160,12 +160,19 @@ def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionCon
     return model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, first=L)
 
 
+def noised_positions(x0: torch.Tensor, noise: Noise, mask_id: int) -> torch.Tensor:
+    """(B, L) the tokens the noise masked. A mask token already in ``x0`` stands for a token
+    that is unknown throughout (the rest of a block after a scored continuation): it is
+    context, never a target."""
+    return (noise.xt == mask_id) & (x0 != mask_id)
+
+
 def nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask_id: int, *, weighting: str = "elbo") -> Losses:
     """Weighted NLL of the masked tokens given the noise: the NELBO with
     ``weighting="elbo"``, a reweighted objective otherwise."""
     B, L = x0.shape
     h, c = denoiser_hidden(model, noise.xt, x0, cfg)
-    masked = noise.xt == mask_id
+    masked = noised_positions(x0, noise, mask_id)
     nll = model.nll(h[masked], c, x0[masked], mask_id)
     token_loss = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
     token_loss[masked] = token_weight(weighting, noise.weight[masked].float(), noise.rate[masked]) * nll
@@ -178,7 +185,7 @@ def sedd_nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask
     noise sigma = -log(1 - p) (t is one per sequence: block size = length)."""
     B, L = x0.shape
     h, c = model.hidden_states(noise.xt, sigma=total_noise(noise.rate[:, 0]).float())
-    masked = noise.xt == mask_id
+    masked = noised_positions(x0, noise, mask_id)
     rows = masked.nonzero()[:, 0]
     logits = model.logits(h[masked], c[rows])
     w = token_weight(weighting, noise.weight[masked], noise.rate[masked])
