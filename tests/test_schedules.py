@@ -166,18 +166,19 @@ def test_finetune_with_clip_and_schedule_records_them(parent, tmp_path):
     assert d["schedule"] == "gaussian:mu=0.6:sigma=0.2" and d["weighting"] == "sigmoid:k=1"
 
 
-@pytest.mark.parametrize("fix", [False, True])
-def test_finetune_clip_search_logs_and_applies_the_minimiser(parent, tmp_path, fix):
+@pytest.mark.parametrize("fix,estimator", [(False, "t"), (True, "t"), (False, "k")])
+def test_finetune_clip_search_logs_and_applies_the_minimiser(parent, tmp_path, fix, estimator):
+    """The search minimises the variance of the run's own training estimator."""
     out = tmp_path / "cs"
-    args = ["finetune", str(parent), "--block-size", "4", "--clip-search", "--steps", "2", "--save-every", "1",
+    args = ["finetune", str(parent), "--block-size", "4", "--clip-search", "--steps", "2", "--save-every", "1", "--estimator", estimator,
             *SMALL[4:], "--out", str(out)] + (["--fix-clip"] if fix else [])
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     searches = [r for r in records if r.get("event") == "clip_search"]
     assert [r["step"] for r in searches] == [1, 2]
     first = searches[0]
-    assert len(first["scores"]) == len(clip_grid())
-    best = min(first["scores"], key=lambda r: r["var_paper"])
+    assert len(first["scores"]) == len(clip_grid()) and first["estimator"] == estimator
+    best = min(first["scores"], key=lambda r: r["var_paper" if estimator == "t" else "var_paper_k"])
     assert first["best"] == [best["beta"], best["omega"]]
     clip = json.loads((out / "config.json").read_text())["diffusion"]["clip"]
     assert clip == ([0.001, 1.0] if fix else searches[-1]["best"])
@@ -191,6 +192,8 @@ def test_variance_command_compares_schedules(parent, capsys):
     assert code == 0 and out["variance"] == "paper"
     assert [(r["schedule"], r["beta"]) for r in out["intervals"]] == [("linear", 0.45), ("linear", 0.001), ("cosine", 0.45), ("cosine", 0.001)]
     assert out["best"]["var_paper"] == min(r["var_paper"] for r in out["intervals"])
+    assert out["best_k"]["var_paper_k"] == min(r["var_paper_k"] for r in out["intervals"])
+    assert all(r["var_block_k"] >= 0 and r["nelbo_k"] > 0 for r in out["intervals"])
 
 
 def test_variance_plot(parent, tmp_path, capsys):
