@@ -11,6 +11,8 @@ from bd3.cli import options as o
 from bd3.cli.common import err, open_run
 from bd3.runs.hf import export_checkpoint, import_checkpoint
 
+EXPORT_PRECISIONS = ("fp32", "bf16")
+
 
 def import_command(
     src: Annotated[str, typer.Argument(help="A folder with config.json + model.safetensors, or a hub id.")],
@@ -38,17 +40,30 @@ def import_command(
     )
 
 
+def _check_export_precision(value: str) -> str:
+    if value not in EXPORT_PRECISIONS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_PRECISIONS)}.")
+    return value
+
+
 def export_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
-    out: Annotated[Path, typer.Argument(help="Folder to write config.json and model.safetensors into.")],
-    force: o.Force = False,
+    out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into (an existing non-empty one needs --force).")],
+    precision: Annotated[str, typer.Option(help="Dtype of the exported weights: fp32 or bf16.", callback=_check_export_precision)] = "fp32",
+    force: Annotated[bool, typer.Option("--force", help="Write into an existing non-empty folder (the files bd3 writes are replaced).")] = False,
 ) -> None:
-    """Export a run's EMA weights in the released BD3LM checkpoint layout.
+    """Export a run's EMA weights as a checkpoint folder that HuggingFace `transformers`
+    loads (AutoModelForMaskedLM with trust_remote_code=True, AutoTokenizer) and `bd3 import`
+    reads back: the released BD3LM layout's config.json and model.safetensors, the modeling
+    code (modeling_bd3lm.py, which imports the bd3 package), configuration_bd3lm.py and the
+    run's tokenizer (tokenizer.json, tokenizer_config.json, special_tokens_map.json).
 
     Examples:
 
     \b
       bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4
+      bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4-bf16 --precision bf16
+      hf upload my-name/bd3lm-owt-bs4 exported/bd3lm-owt-bs4    # share it on the hub
     """
-    path = export_checkpoint(open_run(run), out, force=force)
-    err.print(f"Wrote {path / 'config.json'} and {path / 'model.safetensors'}")
+    path = export_checkpoint(open_run(run), out, precision=precision, force=force)
+    err.print(f"Wrote {path}: config.json, model.safetensors ({precision}), modeling and tokenizer files")
