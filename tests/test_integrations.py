@@ -75,6 +75,8 @@ def test_tensorboard_scalars_equal_metrics_jsonl_and_resume_continues(trained, t
 
     train = [r for r in records if r.get("event") is None]
     assert [r["step"] for r in train] == [1, 2, 3, 4, 5, 6]
+    before = {r["step"]: r["loss"] for r in Run.open(trained).metrics() if r.get("event") is None}
+    assert [r["loss"] for r in train[:4]] == [before[s] for s in (1, 2, 3, 4)]  # logging and sampling change no loss
     for r in train:
         for key in ("loss", "lr", "grad_norm", "tokens_per_s", "elapsed_s", "tokens"):
             assert tb[f"train/{key}"][r["step"]] == f32(r[key]), (key, r["step"])

@@ -3,8 +3,14 @@
 A checkpoint folder holds ``config.json`` (hidden_dim, n_heads, n_blocks, cond_dim,
 model_length, block_size, vocab_size, ...) and ``model.safetensors`` with the backbone
 under ``backbone.`` plus the scalar buffers ``sampling_eps_min`` / ``sampling_eps_max``
-(the clip interval it was trained with). The mask token is the last id. Every tensor is
-checked by name and shape; nothing is silently left at its random initialisation.
+(the clip interval it was trained with). In the released checkpoints the mask token is the
+last id. Every tensor is checked by name and shape; nothing is silently left at its random
+initialisation.
+
+``bd3 export`` adds what ``transformers`` needs to load the folder on its own: ``auto_map``
+and the special token ids in ``config.json``, the modeling and configuration code
+(``hf_files/``: ``BD3LM`` runs bd3's DiT through :func:`layout_logits`) and the run's
+tokenizer, whose mask token ``bd3 import`` then uses.
 """
 
 from __future__ import annotations

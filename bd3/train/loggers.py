@@ -123,7 +123,10 @@ def open_loggers(names: Sequence[str], run_dir: Path, config: dict, start_step: 
             loggers.trackers.append(TRACKERS[name](run_dir, config, start_step, state, warn))
         except Exception as e:  # as in Loggers._each
             warn(f"Warning: the {name} logger could not start ({type(e).__name__}: {e}); training continues without it.")
-    (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    try:
+        (run_dir / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+    except OSError as e:
+        warn(f"Warning: could not write {run_dir / STATE_FILE} ({e}); --resume will not know this run's trackers.")
     return loggers
 
 
