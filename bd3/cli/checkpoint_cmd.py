@@ -11,17 +11,20 @@ from bd3.cli import options as o
 from bd3.cli.common import err, open_run
 from bd3.runs.hf import export_checkpoint, import_checkpoint
 
-EXPORT_PRECISIONS = ("fp32", "bf16")
-
 
 def import_command(
     src: Annotated[str, typer.Argument(help="A folder with config.json + model.safetensors, or a hub id.")],
     out: Annotated[Path, typer.Argument(help="Run directory to create.")],
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer (default gpt2 for a 50258-token vocabulary).", show_default=False)] = None,
+    tokenizer: Annotated[
+        Optional[str],
+        typer.Option(help="Tokenizer. Default: the folder's tokenizer.json (as `bd3 export` writes), else gpt2 for a 50258-token vocabulary.",
+                     show_default=False),
+    ] = None,
     data: Annotated[Optional[str], typer.Option(help="Data set the run evaluates on (default web).", show_default=False)] = None,
     force: o.Force = False,
 ) -> None:
-    """Import a released BD3-LM checkpoint as a bd3 run (EMA weights = the imported ones).
+    """Import a released BD3-LM checkpoint, or a folder written by `bd3 export`, as a bd3 run
+    (EMA weights = the imported ones).
 
     Every tensor is checked by name and shape; the clip interval comes from the
     checkpoint's sampling_eps_min/max buffers.
@@ -31,6 +34,7 @@ def import_command(
     \b
       bd3 import kuleshov-group/bd3lm-owt-block_size4 runs/owt-bs4
       bd3 import ./bd3lm-owt-block_size16 runs/owt-bs16 --data owt
+      bd3 import exported/web-bs4 runs/web-bs4-again     # a `bd3 export` folder, bit for bit
     """
     run = import_checkpoint(src, out, tokenizer=tokenizer, data=data, force=force)
     c = run.config
@@ -41,8 +45,10 @@ def import_command(
 
 
 def _check_export_precision(value: str) -> str:
-    if value not in EXPORT_PRECISIONS:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_PRECISIONS)}.")
+    from bd3.runs.hf import EXPORT_DTYPES
+
+    if value not in EXPORT_DTYPES:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_DTYPES)}.")
     return value
 
 

@@ -74,7 +74,7 @@ Logger = Annotated[
     typer.Option(
         "--logger", help="Also log to an experiment tracker: tensorboard (event files in RUN/tb) or wandb (offline when "
         "the W&B host cannot be reached); repeatable. Each is an extra: pip install 'bd3[tensorboard]'. "
-        "With --resume: default, the run's own.", callback=_check_loggers, show_default=False,
+        "With --resume: default, the run's own.", callback=_check_loggers, show_default=False, metavar="<tensorboard|wandb>",
     ),
 ]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]

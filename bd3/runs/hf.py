@@ -44,8 +44,7 @@ AUTO_MAP = {
     "AutoModel": "modeling_bd3lm.BD3LM",
     "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM",
 }
-EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-EXPORT_PRECISIONS = tuple(EXPORT_DTYPES)
+EXPORT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}  # bd3 export --precision
 
 
 def fetch(src: str) -> Path:

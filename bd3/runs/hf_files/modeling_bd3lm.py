@@ -1,8 +1,8 @@
 """A BD3-LM (block discrete diffusion language model) for HuggingFace ``transformers``.
 
-Written by ``bd3 export``. This file depends on the ``bd3`` package (``pip install bd3``):
-the network is bd3's DiT, the same code ``bd3 eval`` and ``bd3 sample`` run, so the logits
-are bd3's. Class names, weight names and the ``forward`` signature are those of the
+Written by ``bd3 export``. This file depends on the ``bd3`` package, which must be
+installed where the model is loaded: the network is bd3's DiT, the same code ``bd3 eval``
+and ``bd3 sample`` run, so the logits are bd3's. Class names, weight names and the ``forward`` signature are those of the
 released BD3-LM checkpoints (kuleshov-group/bd3lm-owt-block_size4):
 
     model = AutoModelForMaskedLM.from_pretrained(folder, trust_remote_code=True)
