@@ -2,6 +2,7 @@
 global batch, checkpoints in the single-process format that resume on another number of
 processes, DDP and FSDP2."""
 
+import importlib.util
 import os
 import shutil
 import socket
@@ -94,9 +95,12 @@ def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir):
     assert main(["pretrain", *TRAIN, "--batch-size", "2", "--global-batch-size", "4", "--steps", "3", "--out", "accum"]) == 0
     assert_same_steps(metrics(workdir / "accum"), one, [1, 2, 3])
 
-    # DDP: two processes of 2 rows; rank 0 alone writes the run
-    launch(["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp"], workdir)
+    # DDP: two processes of 2 rows; rank 0 alone writes the run (and logs to TensorBoard, where installed)
+    tensorboard = importlib.util.find_spec("tensorboard") is not None
+    launch(["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp", *(["--logger", "tensorboard"] if tensorboard else [])], workdir)
     assert_same_steps(metrics(workdir / "ddp"), one, [1, 2])
+    if tensorboard:
+        assert len(list((workdir / "ddp" / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
     assert_same_checkpoint(checkpoint(workdir / "one", 2), checkpoint(workdir / "ddp", 2))
     assert "rng.torch.rank1" in load_file(workdir / "ddp" / "checkpoints" / "step-00000002" / "train_state.safetensors")
     # ... resumed in one process (two micro-batches of 2) it continues as the uninterrupted run

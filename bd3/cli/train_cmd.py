@@ -58,6 +58,25 @@ Fsdp = Annotated[
     bool,
     typer.Option("--fsdp", help="Under torchrun: shard weights, gradients and optimizer state with FSDP2 instead of DDP (same checkpoints, same losses)."),
 ]
+
+
+def _check_loggers(values: list[str] | None) -> list[str]:
+    from bd3.train.loggers import check_loggers
+
+    try:
+        return check_loggers(values or [])
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+
+
+Logger = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--logger", help="Also log to an experiment tracker: tensorboard (event files in RUN/tb) or wandb (offline when "
+        "the W&B host cannot be reached); repeatable. Each is an extra: pip install 'bd3[tensorboard]'. "
+        "With --resume: default, the run's own.", callback=_check_loggers, show_default=False, metavar="<tensorboard|wandb>",
+    ),
+]
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
 
@@ -95,6 +114,7 @@ def pretrain(
     eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
+    logger: Logger = None,
     resume: Resume = False,
 ) -> None:
     """Train a BD3-LM from scratch (with no options: a small model on the built-in corpus).
@@ -108,11 +128,12 @@ def pretrain(
       bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --out runs/owt
       bd3 pretrain --data 'books/*.txt' --tokenizer bpe --vocab-size 16384 --steps 5000
       bd3 pretrain --resume --out runs/owt --steps 20000  # continue after a crash or Ctrl-C
+      bd3 pretrain --logger tensorboard --logger wandb  # also to TensorBoard (runs/NAME/tb) and W&B
       torchrun --nproc-per-node 8 -m bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 \\
           --batch-size 64 --global-batch-size 512 --out runs/owt    # DDP on 8 GPUs (add --fsdp to shard)
     """
     if resume:
-        return _resume(out, steps, attn, compile_, fsdp)
+        return _resume(out, steps, attn, compile_, fsdp, logger)
     resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if algo not in ALGOS:
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
@@ -135,7 +156,7 @@ def pretrain(
             ),
         )
     shards = shards_for(data, tokenizer, length, vocab_size)
-    train(cfg, shards, out or new_run_name(cfg), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp)
+    train(cfg, shards, out or new_run_name(cfg), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp, loggers=logger)
 
 
 def finetune(
@@ -167,6 +188,7 @@ def finetune(
     eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
+    logger: Logger = None,
     resume: Resume = False,
 ) -> None:
     """Continue training a run's (EMA) weights at a new block size and clip interval,
@@ -182,7 +204,7 @@ def finetune(
       bd3 finetune --resume --out runs/owt-bs16
     """
     if resume:
-        return _resume(out, steps, attn, compile_, fsdp)
+        return _resume(out, steps, attn, compile_, fsdp, logger)
     resolve_attn(attn, resolve_device(device))
     parent = open_run(run)
     pcfg = parent.config
@@ -211,17 +233,18 @@ def finetune(
     train(
         cfg, run_shards(parent), out or new_run_name(cfg), init_weights=parent.weights("ema", ckpt),
         init_source=str(ckpt / "ema.safetensors"), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp,
+        loggers=logger,
     )
 
 
-def _resume(out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool = False) -> None:
+def _resume(out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool = False, loggers: list[str] | None = None) -> None:
     """Continue a run from its newest complete checkpoint, with its own config and data."""
     run = open_run(out)
     cfg = run.config
     if steps is not None:
         with _option_errors():
             cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp)
+    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp, loggers=loggers or ())
 
 
 @contextmanager

@@ -347,12 +347,17 @@ def _parquet_column(path: Path) -> str:
 
 def hub_reachable(timeout: float = HUB_PROBE_SECONDS) -> bool:
     """Whether the hub's host resolves (and accepts a connection) within ``timeout`` s each."""
-    if not _run_with_timeout(lambda: socket.getaddrinfo(HUB_HOST, 443), timeout):
+    return host_reachable(HUB_HOST, timeout)
+
+
+def host_reachable(host: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether ``host`` resolves (and accepts a connection on port 443) within ``timeout`` s each."""
+    if not _run_with_timeout(lambda: socket.getaddrinfo(host, 443), timeout):
         return False
     if _proxy_configured():
         return True  # a direct connection may be blocked while the proxy works
     return _run_with_timeout(
-        lambda: socket.create_connection((HUB_HOST, 443), timeout).close(), timeout
+        lambda: socket.create_connection((host, 443), timeout).close(), timeout
     )
 
 

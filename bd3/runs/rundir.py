@@ -24,6 +24,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,6 +41,7 @@ class Run:
     def __init__(self, path: Path, config: RunConfig) -> None:
         self.path = Path(path)
         self.config = config
+        self.listeners: list[Callable[[dict], None]] = []  # called with each record after metrics.jsonl has it
 
     # -- creating and opening -------------------------------------------------------------
     @classmethod
@@ -75,6 +77,8 @@ class Run:
     def log(self, record: dict) -> None:
         with open(self.path / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
+        for listener in self.listeners:
+            listener(record)
 
     def metrics(self) -> list[dict]:
         p = self.path / "metrics.jsonl"

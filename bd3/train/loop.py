@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from bd3.runtime import autocast, configure_model, resolve_precision
 from bd3.train import distributed as dist_
 from bd3.train.distributed import Parallel
 from bd3.train.ema import EMA
+from bd3.train.loggers import Loggers, check_loggers, open_loggers, read_state, sample_texts
 
 
 class Batches:
@@ -108,6 +110,7 @@ class Trainer:
         self.step = 0
         self.skipped = 0  # non-finite steps tolerated so far
         self.last_validation: dict | None = None
+        self.loggers = Loggers()  # experiment trackers (rank 0), set by train()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """AdamW, fused (one kernel over all parameters: 4x faster than foreach on a CPU);
@@ -295,6 +298,7 @@ def train(
     attn: str = "auto",
     compile: bool = False,
     fsdp: bool = False,
+    loggers: Sequence[str] = (),
 ) -> dict:
     """Train a model on ``shards`` into the run directory ``out``; return the summary dict.
 
@@ -302,7 +306,9 @@ def train(
     config.json is authoritative; ``cfg.train.steps`` may extend it). ``attn`` (an attention
     backend, bd3.model.backends), ``compile`` (torch.compile each block) and ``fsdp`` (shard
     with FSDP2 instead of DDP under torchrun) are runtime choices: they change no result
-    beyond float rounding, and are not saved.
+    beyond float rounding, and are not saved. ``loggers``: experiment trackers
+    (:mod:`bd3.train.loggers`) that get every metrics.jsonl record; with ``resume`` and none
+    given, those the run used.
 
     Under torchrun every process calls this; rank 0 alone writes the run directory, logs and
     prints, and returns the summary (the others return an empty dict).
@@ -314,13 +320,13 @@ def train(
         if not par.main:
             console = Console(stderr=True, quiet=True)
         return _train(cfg, shards, out, par, device, init_weights, init_source, force, resume,
-                      console or Console(stderr=True), attn, compile)
+                      console or Console(stderr=True), attn, compile, loggers)
     finally:
         if par.distributed:
             dist_.shutdown()
 
 
-def _train(cfg, shards, out, par, device, init_weights, init_source, force, resume, console, attn, compile) -> dict:
+def _train(cfg, shards, out, par, device, init_weights, init_source, force, resume, console, attn, compile, loggers=()) -> dict:
     tcfg = cfg.train
     global_batch = dist_.resolve_global_batch(tcfg.global_batch_size, tcfg.batch_size, par.world_size, resume)
     cfg = replace(cfg, train=replace(tcfg, global_batch_size=global_batch))
@@ -350,11 +356,29 @@ def _train(cfg, shards, out, par, device, init_weights, init_source, force, resu
         run = _on_main(par, lambda: Run.create(out, cfg, shards.tokenizer.to_json(), force=force)) or Run(out, cfg)
     trainer.distribute()
     _announce(console, run, trainer, resumed=resume)
-    with _stop_requests() as stop:
-        elapsed = _loop(trainer, run, shards, console, stop)
-    if not par.main:
-        return {}
-    return _summarise(trainer, run, shards, console, elapsed)
+    trainer.loggers = _on_main(par, lambda: _open_loggers(loggers, run, trainer, resume, console)) or Loggers()
+    run.listeners.append(trainer.loggers.log)
+    try:
+        with _stop_requests() as stop:
+            elapsed = _loop(trainer, run, shards, console, stop)
+        if not par.main:
+            return {}
+        return _summarise(trainer, run, shards, console, elapsed)
+    finally:
+        trainer.loggers.close()
+
+
+def _open_loggers(names: Sequence[str], run: Run, trainer: Trainer, resume: bool, console: Console) -> Loggers:
+    """The trackers asked for (on --resume without any: those the run used), started at the trainer's step."""
+    if resume and not names:
+        names = read_state(run.path).get("loggers", [])
+    if not names:
+        return Loggers()
+
+    def warn(line: str) -> None:
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
+
+    return open_loggers(check_loggers(names), run.path, trainer.cfg.to_dict(), trainer.step, warn)
 
 
 def _on_main(par: Parallel, action):
@@ -452,6 +476,8 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
             )
             if cfg.diffusion.clip_search:
                 _clip_search(trainer, run, model, valid)
+            if trainer.loggers:
+                trainer.loggers.samples(trainer.step, sample_texts(model, trainer.cfg, shards.tokenizer))
         run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_nelbo_se": result["nelbo_se"],
                  "valid_ppl": result["ppl"], "valid_ppl_ci95": result["ppl_ci95"], "estimator": result["estimator"]})
         run.record_best(path, trainer.step, result["nelbo"])
