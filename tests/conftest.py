@@ -11,7 +11,7 @@ import torch
 from bd3.config import ModelConfig
 from bd3.model import DiT
 
-REFERENCE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bd3lms-reference"
+REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bd3lms-reference"
 
 
 @pytest.fixture
@@ -43,8 +43,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def reference_fixture() -> Path:
-    """The reference implementation's parity fixture ($BD3_REFERENCE_FIXTURE or ../shared)."""
+    """The reference implementation's parity fixture: the copy in tests/fixtures, or
+    $BD3_REFERENCE_FIXTURE (another fixture of the same format, which must exist)."""
     path = Path(os.environ.get("BD3_REFERENCE_FIXTURE", REFERENCE_FIXTURE))
     if not (path / "expected.safetensors").exists():
-        pytest.skip(f"reference fixture not found at {path} (set BD3_REFERENCE_FIXTURE)")
+        pytest.fail(f"reference fixture not found at {path}: BD3_REFERENCE_FIXTURE names a folder without expected.safetensors")
     return path
