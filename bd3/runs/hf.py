@@ -15,11 +15,12 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
 from bd3.data.tokenizer import Tokenizer, load_tokenizer
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, cannot_write
 from bd3.model import DiT
 from bd3.runs.rundir import Run, load_strict, load_tensors
 
@@ -125,7 +126,8 @@ def export_checkpoint(run: Run, out: Path, *, force: bool = False) -> Path:
     out = Path(out)
     if out.exists() and any(out.iterdir()) and not force:
         raise Bd3Error(f"{out} exists and is not empty; choose another folder or pass --force.")
-    out.mkdir(parents=True, exist_ok=True)
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise Bd3Error(f"{out} is a bd3 run directory; export into another folder (--force never writes into a run).")
     ckpt = run.latest_checkpoint()
     model = DiT(cfg.model, cfg.data.vocab_size)
     load_strict(model, run.weights("ema", ckpt), ckpt / "ema.safetensors")
@@ -141,9 +143,14 @@ def export_checkpoint(run: Run, out: Path, *, force: bool = False) -> Path:
         "time_conditioning": False, "var_min": True, "sampling_eps_min": beta, "sampling_eps_max": omega, "return_dict": False,
     }
     tmp = out / f".model.safetensors.tmp-{os.getpid()}"
-    save_file(tensors, tmp)
-    os.replace(tmp, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, tmp)
+        os.replace(tmp, out / "model.safetensors")
+        (out / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+    except (OSError, SafetensorError) as e:
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(out, e, "choose another folder") from None
     return out
 
 

@@ -23,6 +23,17 @@ from bd3.sampling.sedd import sample_sedd
 from bd3.sampling.threads import ThreadTuner
 
 
+SAMPLE_BYTES_PER_TOKEN = 128
+"""Memory a sample holds per token until it is done: its ids as a tensor and as Python ints
+(the finished sample and the text stream's copy), its text, and the block schedule."""
+
+
+def sample_memory(num_samples: int, max_tokens: int) -> int:
+    """Bytes :func:`generate` needs for ``num_samples`` samples of ``max_tokens`` tokens (every
+    finished sample is kept until the last one is done)."""
+    return num_samples * max_tokens * SAMPLE_BYTES_PER_TOKEN
+
+
 def generate(
     model,
     config,
