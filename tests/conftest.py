@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -28,6 +29,15 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.3)
     return model.eval()
+
+
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a checksum of its bytes: equal trees hold
+    equal files (what a refused command must leave)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(Path(root).rglob("*"))
+    }
 
 
 @pytest.fixture

@@ -2,9 +2,7 @@
 and writes that fail (unwritable paths, full disks, a closed or full stdout) as one line."""
 
 import errno
-import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,38 +13,19 @@ from safetensors import SafetensorError
 
 from bd3.cli.main import main
 from bd3.runs import Run
+from tests import test_reliability
+from tests.conftest import tree
 
 TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--device", "cpu", "--precision", "fp32",
          "--block-size", "8", "--eval-batches", "1", "--log-every", "1"]
 FULL = OSError(errno.ENOSPC, "No space left on device")
-
-
-def tree(root: Path) -> dict[str, str]:
-    """Every file and folder under ``root`` with a checksum of its bytes: equal trees hold equal files."""
-    out = {}
-    for p in sorted(Path(root).rglob("*")):
-        rel = str(p.relative_to(root))
-        out[rel] = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-    return out
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A finished 1-step run (copied into each test that changes it)."""
-    root = tmp_path_factory.mktemp("safety")
-    old = os.getcwd()
-    os.chdir(root)
-    os.environ.setdefault("BD3_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "bd3-cache"))
-    try:
-        assert main(["pretrain", *TRAIN, "--steps", "1", "--out", "good"]) == 0
-    finally:
-        os.chdir(old)
-    return root / "good"
+trained = test_reliability.trained  # a finished 1-step run, built once for both modules' tests
 
 
 @pytest.fixture
 def workdir(tmp_path, monkeypatch, trained):
-    """A working folder holding a copy of the trained run as runs/good and a file of the user's."""
+    """A working folder holding a copy of a finished 1-step run (test_reliability's) as
+    runs/good, and files of the user's."""
     monkeypatch.chdir(tmp_path)
     shutil.copytree(trained, tmp_path / "runs" / "good")
     (tmp_path / "notes.txt").write_text("mine")

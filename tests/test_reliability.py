@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from bd3.cli.main import main
 from bd3.runs import Run
+from tests.conftest import tree
 
 TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
 # `tiny` has dropout, so resuming must restore the RNG too
@@ -258,8 +259,6 @@ BAD_ARGS = [
 
 @pytest.mark.parametrize("args,code,needle", BAD_ARGS, ids=[" ".join(a[0]) for a in BAD_ARGS])
 def test_bad_input_table(trained, workdir, capsys, args, code, needle):
-    from tests.test_disk_safety import tree
-
     write_inputs(workdir)
     before = tree(workdir), tree(trained)
     got = main([a.replace("{run}", str(trained)) for a in args])

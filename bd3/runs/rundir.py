@@ -296,5 +296,9 @@ def _fsync(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the old file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(path, e, "continue with --resume once it can be written") from None

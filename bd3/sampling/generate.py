@@ -22,7 +22,6 @@ from bd3.sampling.denoiser import backend_for
 from bd3.sampling.sedd import sample_sedd
 from bd3.sampling.threads import ThreadTuner
 
-
 SAMPLE_BYTES_PER_TOKEN = 128
 """Memory a sample holds per token until it is done: its ids as a tensor and as Python ints
 (the finished sample and the text stream's copy), its text, and the block schedule."""
