@@ -213,3 +213,27 @@ def test_a_full_stdout_is_one_line(workdir):
 def test_sample_refuses_more_tokens_than_memory_holds(workdir, capsys):
     assert main(["sample", "runs/good", "--max-tokens", "10000000000", "--device", "cpu"]) == 2
     one_error_line(capsys.readouterr().err, "--max-tokens", "GiB", "at most")
+
+
+def test_a_full_stdout_of_eval_tables_is_one_error(monkeypatch):
+    from bd3.cli.common import print_table
+    from bd3.errors import Bd3Error
+
+    for as_json in (True, False):
+        with open("/dev/full", "w") as full:  # (once failed, the stream is pointed at /dev/null)
+            monkeypatch.setattr(sys, "stdout", full)
+            with pytest.raises(Bd3Error, match="Could not write standard output: No space left on device"):
+                print_table("NELBO", [{"ppl": 1.5}], [("ppl", "perplexity")], as_json, {"ppl": 1.5})
+
+
+def test_a_disk_that_fills_during_training_is_one_line(workdir, monkeypatch, capsys):
+    real = Run.log
+
+    def log(self, record):
+        if record.get("step") == 2:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path / "metrics.jsonl"))
+        real(self, record)
+
+    monkeypatch.setattr(Run, "log", log)
+    assert main(["pretrain", *TRAIN, "--steps", "3", "--out", "filling"]) == 1
+    one_error_line(capsys.readouterr().err, "filling/metrics.jsonl", "No space left on device", "free some space")
