@@ -237,3 +237,12 @@ def test_a_disk_that_fills_during_training_is_one_line(workdir, monkeypatch, cap
     monkeypatch.setattr(Run, "log", log)
     assert main(["pretrain", *TRAIN, "--steps", "3", "--out", "filling"]) == 1
     one_error_line(capsys.readouterr().err, "filling/metrics.jsonl", "No space left on device", "free some space")
+
+
+@pytest.mark.parametrize("num_samples,block_size", [(1, 1), (3, 4), (8, 16)])
+def test_max_sample_tokens_is_the_largest_that_fits(num_samples, block_size):
+    from bd3.sampling.generate import max_sample_tokens, sample_memory
+
+    memory = 7 * 2**30 + 12345
+    most = max_sample_tokens(memory, num_samples, block_size)
+    assert sample_memory(num_samples, most, block_size) <= memory < sample_memory(num_samples, most + block_size, block_size)

@@ -17,7 +17,7 @@ from bd3.model.backends import resolve_attn
 from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision
 from bd3.sampling.block import ENTROPY_WINDOW
 from bd3.sampling.engine import PRECISIONS, sampling_precision
-from bd3.sampling.generate import generate, sample_memory
+from bd3.sampling.generate import generate, max_sample_tokens, sample_memory
 from bd3.sampling.text import SampleWriter
 
 FORMATS = ("text", "jsonl")
@@ -86,12 +86,11 @@ def sample(
         raise typer.BadParameter(
             f"{max_tokens} leaves no room after the prompt's {len(ids)} tokens (BOS included).", param_hint="--max-tokens"
         )
-    free = available_memory()
-    if free is not None and sample_memory(num_samples, max_tokens) > free:
-        most = free // sample_memory(num_samples, 1)
+    free, need = available_memory(), sample_memory(num_samples, max_tokens, bs)
+    if free is not None and need > free:
         raise typer.BadParameter(
-            f"{max_tokens} tokens x {num_samples} sample(s) need about {sample_memory(num_samples, max_tokens) / 2**30:.1f} GiB "
-            f"of memory and {free / 2**30:.1f} GiB is available; ask for at most {most} tokens per sample.",
+            f"{max_tokens} tokens x {num_samples} sample(s) need about {need / 2**30:.1f} GiB of memory and "
+            f"{free / 2**30:.1f} GiB is available; ask for at most {max_sample_tokens(free, num_samples, bs)} tokens per sample.",
             param_hint="--max-tokens",
         )
     decoding = o.decoding(r, sampler=sampler, steps=steps, threshold=threshold, top_p=top_p, temperature=temperature, stop=stop)
