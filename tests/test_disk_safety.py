@@ -192,7 +192,8 @@ def test_a_full_disk_while_tokenizing_leaves_no_temporary_folder(workdir, monkey
         raise FULL
 
     monkeypatch.setattr(shards, "_write_json", full)
-    assert main(["tokenize", "--data", "web", "--length", "32", "--out", "out/shards"]) == 1
+    (workdir / "corpus.txt").write_text("".join(f"Paragraph {i} of a small corpus, long enough for a row or two.\n\n" for i in range(400)))
+    assert main(["tokenize", "--data", "corpus.txt", "--tokenizer", "gpt2", "--length", "32", "--out", "out/shards"]) == 1
     one_error_line(capsys.readouterr().err, "out/shards", "No space left", "free some space")
     assert list((workdir / "out").iterdir()) == []
 
