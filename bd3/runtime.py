@@ -4,6 +4,7 @@ the model."""
 from __future__ import annotations
 
 import contextlib
+import os
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def resolve_device(name: str = "auto") -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise Bd3Error(f"Device type {device.type!r} is not supported; use cpu or cuda.")
     return device
+
+
+def available_memory() -> int | None:
+    """Bytes of memory this process can still take (MemAvailable, or the free pages); None
+    where the system does not say."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
 
 
 @lru_cache(maxsize=1)

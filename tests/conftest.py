@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 from bd3.config import ModelConfig
 from bd3.model import DiT
 
-REFERENCE_FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "bd3lms-reference"
+REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bd3lms-reference"
 
 
 @pytest.fixture
@@ -30,6 +31,15 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     return model.eval()
 
 
+def tree(root: Path) -> dict[str, str]:
+    """Every file and folder under ``root`` with a checksum of its bytes: equal trees hold
+    equal files (what a refused command must leave)."""
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        for p in sorted(Path(root).rglob("*"))
+    }
+
+
 @pytest.fixture
 def tiny_model(tiny_cfg) -> DiT:
     return randomize(DiT(tiny_cfg, vocab_size=40))
@@ -43,8 +53,9 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 @pytest.fixture
 def reference_fixture() -> Path:
-    """The reference implementation's parity fixture ($BD3_REFERENCE_FIXTURE or ../shared)."""
+    """The reference implementation's parity fixture: the copy in tests/fixtures, or
+    $BD3_REFERENCE_FIXTURE (another fixture of the same format, which must exist)."""
     path = Path(os.environ.get("BD3_REFERENCE_FIXTURE", REFERENCE_FIXTURE))
     if not (path / "expected.safetensors").exists():
-        pytest.skip(f"reference fixture not found at {path} (set BD3_REFERENCE_FIXTURE)")
+        pytest.fail(f"reference fixture not found at {path}: BD3_REFERENCE_FIXTURE names a folder without expected.safetensors")
     return path

@@ -14,6 +14,7 @@ from safetensors.torch import load_file, save_file
 
 from bd3.cli.main import main
 from bd3.runs import Run
+from tests.conftest import tree
 
 TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
 # `tiny` has dropout, so resuming must restore the RNG too
@@ -259,12 +260,13 @@ BAD_ARGS = [
 @pytest.mark.parametrize("args,code,needle", BAD_ARGS, ids=[" ".join(a[0]) for a in BAD_ARGS])
 def test_bad_input_table(trained, workdir, capsys, args, code, needle):
     write_inputs(workdir)
+    before = tree(workdir), tree(trained)
     got = main([a.replace("{run}", str(trained)) for a in args])
     err = capsys.readouterr().err
     assert got == code, err
     assert needle in err and "Traceback" not in err
     assert err.startswith("Error:") and len(err.strip().splitlines()) == 1
-    assert (workdir / "taken" / "keep.txt").read_text() == "mine"  # nothing overwritten
+    assert (tree(workdir), tree(trained)) == before  # a refused command changes nothing on disk
 
 
 def test_debug_shows_the_traceback(workdir):

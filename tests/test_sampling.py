@@ -499,6 +499,36 @@ def test_text_stream_holds_back_what_the_entropy_stop_may_cut():
     assert out.getvalue() == "abcd\n"
 
 
+def test_text_stream_of_a_long_sample_decodes_a_bounded_tail(monkeypatch):
+    """Long samples stream at a constant cost per block (only the live tail is decoded) and
+    print exactly the text of the whole sample, with multi-byte characters cut by the tail."""
+    import random
+
+    from bd3.data.tokenizer import load_tokenizer
+
+    tok = load_tokenizer("bpe")
+    longest = [0]
+    real = tok.decode
+
+    def decode(ids):
+        longest[0] = max(longest[0], len(ids))
+        return real(ids)
+
+    monkeypatch.setattr(tok, "decode", decode)
+    rng = random.Random(0)
+    for settle in (3, TextStream.SETTLE):
+        monkeypatch.setattr(TextStream, "SETTLE", settle)
+        ids = [tok.bos_id] + [tok.eos_id if rng.random() < 1e-3 else rng.randrange(tok.vocab_size) for _ in range(6000)]
+        out = io.StringIO()
+        stream = TextStream(tok, out, ids[:1])
+        longest[0] = 0
+        for k in range(1, len(ids), 16):
+            stream.feed(ids[k : k + 16])
+        stream.finish()
+        assert longest[0] <= 2 * settle + 16 + 1
+        assert out.getvalue() == render(ids, tok) + "\n"
+
+
 def test_writer_streams_samples_in_order():
     from bd3.sampling.block import BlockEvent, Sample
 

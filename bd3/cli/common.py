@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -12,7 +14,7 @@ from rich.table import Table
 
 from bd3.data.shards import TokenShards, cached_shards
 from bd3.data.tokenizer import Tokenizer
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, cannot_write
 from bd3.model import DiT
 from bd3.runs import Run, load_strict, resolve_run
 
@@ -60,15 +62,30 @@ def run_shards(run: Run, length: int | None = None) -> TokenShards:
 
 def print_table(title: str, rows: list[dict], columns: list[tuple[str, str]], as_json: bool, payload: dict | list) -> None:
     """A rich table on stdout, or ``payload`` as JSON with --json."""
-    if as_json:
-        print(json.dumps(payload, indent=2))
-        return
-    table = Table(title=title)
-    for _, header in columns:
-        table.add_column(header)
-    for row in rows:
-        table.add_row(*(_fmt(row.get(key)) for key, _ in columns))
-    Console(file=sys.stdout).print(table)
+    with stdout_writes():
+        if as_json:
+            print(json.dumps(payload, indent=2))
+            return
+        table = Table(title=title)
+        for _, header in columns:
+            table.add_column(header)
+        for row in rows:
+            table.add_row(*(_fmt(row.get(key)) for key, _ in columns))
+        Console(file=sys.stdout).print(table)
+
+
+@contextmanager
+def stdout_writes():
+    """Writes to stdout, flushed at the end; one that fails (a full disk, /dev/full) is one
+    error line. BrokenPipeError (the reader left, `| head`) passes through for the caller."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise
+    except OSError as e:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the final flush at exit fails quietly
+        raise cannot_write("standard output", e, "send the output to a disk with room") from None
 
 
 def _fmt(v) -> str:

@@ -19,7 +19,7 @@ from bd3.cli.eval_cmd import evaluate, variance
 from bd3.cli.sample_cmd import sample
 from bd3.cli.tokenize_cmd import tokenize_command
 from bd3.cli.train_cmd import finetune, pretrain
-from bd3.errors import Bd3Error, Stopped
+from bd3.errors import Bd3Error, Stopped, cannot_write
 
 HELP = """Block diffusion language models (BD3-LMs): tokenize, pretrain, fine-tune, evaluate, sample.
 
@@ -73,6 +73,10 @@ def main(argv: list[str] | None = None) -> int:
     except (typer.Abort, KeyboardInterrupt):
         print("Interrupted.", file=sys.stderr)
         return 130
+    except OSError as e:  # a write the command did not expect to fail (a full disk mid-run, a closed stdout)
+        if os.environ.get("BD3_DEBUG"):
+            raise
+        return _write_failed(e)
     except MemoryError:
         print("Error: out of memory. Use a smaller --batch-size, --length or --model.", file=sys.stderr)
         return 1
@@ -88,6 +92,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {message}{'' if message.endswith(('.', ')')) else '.'}{where}", file=sys.stderr)
         return e.exit_code
     return rv if isinstance(rv, int) else 0
+
+
+def _write_failed(e: OSError) -> int:
+    """One line for an OSError no command turned into a Bd3Error. A reader that left
+    (`bd3 eval --json | head`) is not an error; stdout is then pointed at /dev/null so the
+    interpreter's final flush adds no message."""
+    if isinstance(e, BrokenPipeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    where = e.filename if e.filename is not None else "a file"
+    print(f"Error: {cannot_write(where, e, 'check the path, its permissions and the free space')}", file=sys.stderr)
+    return 1
 
 
 def _is_out_of_memory(e: Exception) -> bool:

@@ -27,7 +27,7 @@ def _check_device(value: str) -> str:
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback=_check_device)]
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
-Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")]
+Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder that bd3 wrote (never the current folder, or one holding other files).")]
 Precision = Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")]
 BatchSize = Annotated[int, typer.Option(help="Sequences per batch.", min=1)]
 BlockSize = Annotated[Optional[int], typer.Option(help="Block size L' (must divide the length).", min=1, show_default=False)]

@@ -11,13 +11,13 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err, load_model, open_run, run_tokenizer
+from bd3.cli.common import err, load_model, open_run, run_tokenizer, stdout_writes
 from bd3.errors import Bd3Error
 from bd3.model.backends import resolve_attn
-from bd3.runtime import configure_model, resolve_device, resolve_precision
+from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision
 from bd3.sampling.block import ENTROPY_WINDOW
 from bd3.sampling.engine import PRECISIONS, sampling_precision
-from bd3.sampling.generate import generate
+from bd3.sampling.generate import generate, max_sample_tokens, sample_memory
 from bd3.sampling.text import SampleWriter
 
 FORMATS = ("text", "jsonl")
@@ -86,6 +86,13 @@ def sample(
         raise typer.BadParameter(
             f"{max_tokens} leaves no room after the prompt's {len(ids)} tokens (BOS included).", param_hint="--max-tokens"
         )
+    free, need = available_memory(), sample_memory(num_samples, max_tokens, bs)
+    if free is not None and need > free:
+        raise typer.BadParameter(
+            f"{max_tokens} tokens x {num_samples} sample(s) need about {need / 2**30:.1f} GiB of memory and "
+            f"{free / 2**30:.1f} GiB is available; ask for at most {max_sample_tokens(free, num_samples, bs)} tokens per sample.",
+            param_hint="--max-tokens",
+        )
     decoding = o.decoding(r, sampler=sampler, steps=steps, threshold=threshold, top_p=top_p, temperature=temperature, stop=stop)
     dev = resolve_device(device)
     # fp16 weights are an engine feature; SEDD runs the DiT itself (bf16 autocast where it pays off)
@@ -95,9 +102,10 @@ def sample(
     writer = SampleWriter(tok, sys.stdout, format_, num_samples, ids, holdback=ENTROPY_WINDOW if decoding.entropy else 0)
     start = time.perf_counter()
     try:
-        samples = generate(model, cfg, num_samples=num_samples, batch_size=batch_size, max_tokens=max_tokens, prompt=ids,
-                           block_size=bs, decoding=decoding, kv_cache=kv_cache, seed=seed, precision=precision, threads=threads,
-                           on_block=writer.on_block)
+        with stdout_writes():
+            samples = generate(model, cfg, num_samples=num_samples, batch_size=batch_size, max_tokens=max_tokens, prompt=ids,
+                               block_size=bs, decoding=decoding, kv_cache=kv_cache, seed=seed, precision=precision, threads=threads,
+                               on_block=writer.on_block)
     except BrokenPipeError:  # the reader left (`bd3 sample | head`): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return

@@ -37,7 +37,8 @@ import numpy as np
 
 from bd3.data.sources import describe_source, iter_documents
 from bd3.data.tokenizer import WEB_BPE_VOCAB_SIZE, Tokenizer, load_tokenizer
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, cannot_write
+from bd3.paths import holds_working_dir
 
 FORMAT_VERSION = 1
 MIN_LENGTH = 8
@@ -135,8 +136,7 @@ def tokenize(
     _check_out_dir(out_dir, force)
     source = describe_source(data)  # fails early on a bad --data
     tok = resolve_tokenizer(data, tokenizer, vocab_size)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = _make_tmp(out_dir)
     try:
         splits = {
             s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer, num_proc)
@@ -147,6 +147,8 @@ def tokenize(
         meta.update(eos_between_documents=eos_between, detokenizer=detokenizer)
         _write_json(tmp / "meta.json", meta)
         _publish(tmp, out_dir, force)
+    except OSError as e:  # a full disk, a folder that cannot be written
+        raise cannot_write(out_dir, e, WRITE_ADVICE) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return TokenShards(out_dir)
@@ -186,6 +188,27 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
             f"{out_dir} exists and is not a bd3 shard folder (no meta.json); refusing to replace "
             "it even with --force: choose another folder or delete it yourself"
         )
+    if holds_working_dir(out_dir):
+        raise Bd3Error(f"{out_dir} is the current folder or holds it; --force replaces only a shard folder elsewhere: choose another --out")
+    foreign = sorted(p.name for p in out_dir.iterdir() if not (p.suffix == ".bin" or p.name in SHARD_FILES))
+    if foreign:
+        raise Bd3Error(
+            f"{out_dir} holds files a shard folder does not ({', '.join(foreign[:3])}); refusing to replace it "
+            "even with --force: choose another folder or delete it yourself"
+        )
+
+
+WRITE_ADVICE = "choose another --out (or BD3_CACHE_DIR for the data cache)"
+SHARD_FILES = ("meta.json", "tokenizer.json")
+
+
+def _make_tmp(out_dir: Path) -> Path:
+    """A hidden temporary folder beside ``out_dir``, where the shards are written."""
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    except OSError as e:
+        raise cannot_write(out_dir, e, WRITE_ADVICE) from None
 
 
 def _write_split(

@@ -21,6 +21,7 @@ import socket
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import save_file
 from tokenizers import Tokenizer as HFTokenizer
 
@@ -28,7 +29,7 @@ from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, Trai
 from bd3.data.tokenizer import Tokenizer, load_tokenizer
 from bd3.diffusion.masks import block_causal_mask
 from bd3.diffusion.objective import denoiser_hidden
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, cannot_write
 from bd3.model import DiT
 from bd3.runs.rundir import Run, load_strict, load_tensors
 
@@ -178,6 +179,8 @@ def export_checkpoint(run: Run, out: Path, *, precision: str = "fp32", force: bo
         raise Bd3Error(f"{out} exists and is not a folder; choose another folder.")
     if out.exists() and any(out.iterdir()) and not force:
         raise Bd3Error(f"{out} exists and is not empty; choose another folder or pass --force.")
+    if (out / "checkpoints").is_dir() and (out / "config.json").is_file():
+        raise Bd3Error(f"{out} is a bd3 run directory; export into another folder (--force never writes into a run).")
     model = DiT(cfg.model, cfg.data.vocab_size)
     load_strict(model, run.weights("ema", ckpt), ckpt / "ema.safetensors")
     dtype = EXPORT_DTYPES[precision]
@@ -208,7 +211,10 @@ def export_checkpoint(run: Run, out: Path, *, precision: str = "fp32", force: bo
         "tokenizer_config.json": _json(tokenizer_config), "special_tokens_map.json": _json(special),
         **{name: (HF_FILES / name).read_bytes() for name in CODE_FILES},
     }
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise cannot_write(out, e, "choose another folder") from None
     _replace(out / "model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
     for name, data in files.items():
         _replace(out / name, lambda tmp, data=data: tmp.write_bytes(data))
@@ -243,9 +249,9 @@ def _replace(path: Path, write) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except OSError as e:
+    except (OSError, SafetensorError) as e:
         tmp.unlink(missing_ok=True)
-        raise Bd3Error(f"Could not write {path} ({e}).") from None
+        raise cannot_write(path, e, "choose another folder") from None
 
 
 def _no_tokenizer(vocab_size: int) -> str:

@@ -18,12 +18,14 @@ extra or misshapen tensor is an error naming the file and the key.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
 import shutil
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -32,7 +34,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from bd3.config import RunConfig
-from bd3.errors import Bd3Error
+from bd3.errors import Bd3Error, cannot_write
+from bd3.paths import holds_working_dir
 
 CHECKPOINT_FILES = ("model.safetensors", "ema.safetensors", "train_state.safetensors", "train_state.json", "config.json")
 
@@ -46,18 +49,30 @@ class Run:
     # -- creating and opening -------------------------------------------------------------
     @classmethod
     def create(cls, path: Path, config: RunConfig, tokenizer_json: str, *, force: bool = False) -> Run:
+        """A new run directory holding config.json and tokenizer.json. It is built in a hidden
+        sibling folder and renamed into place; with ``force`` an existing run directory (see
+        :func:`check_replaceable`) is removed only once the new one is complete."""
         path = Path(path)
-        if path.exists():
-            if not force:
-                raise Bd3Error(f"{path} already exists. Choose another --out, or pass --force to replace it.")
-            if not path.is_dir():
-                raise Bd3Error(f"{path} exists and is not a folder; remove it or choose another --out.")
-            shutil.rmtree(path)
-        (path / "checkpoints").mkdir(parents=True)
-        run = cls(path, config)
-        run.write_config()
-        (path / "tokenizer.json").write_text(tokenizer_json)
-        return run
+        replacing = path.exists() or path.is_symlink()
+        if replacing:
+            check_replaceable(path, force, parent=config.train.parent)
+        where = Path(os.path.abspath(path)).parent
+        tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        new, old = where / f".{path.name}.new-{tag}", where / f".{path.name}.old-{tag}"
+        try:
+            (new / "checkpoints").mkdir(parents=True)
+            (new / "config.json").write_text(config.to_json())
+            (new / "tokenizer.json").write_text(tokenizer_json)
+            if replacing:
+                os.rename(path, old)
+            os.rename(new, path)
+        except OSError as e:
+            shutil.rmtree(new, ignore_errors=True)
+            if old.exists() and not path.exists():
+                os.rename(old, path)
+            raise cannot_write(path, e, "choose another --out") from None
+        shutil.rmtree(old, ignore_errors=True)
+        return cls(path, config)
 
     @classmethod
     def open(cls, path: Path) -> Run:
@@ -87,10 +102,7 @@ class Run:
     # -- checkpoints ---------------------------------------------------------------------
     def checkpoints(self) -> list[Path]:
         """Complete checkpoints, oldest first (temporary folders are ignored)."""
-        root = self.path / "checkpoints"
-        if not root.is_dir():
-            return []
-        return sorted(p for p in root.glob("step-*") if p.is_dir() and all((p / f).exists() for f in CHECKPOINT_FILES))
+        return complete_checkpoints(self.path)
 
     def latest_checkpoint(self) -> Path:
         ckpts = self.checkpoints()
@@ -123,11 +135,11 @@ class Run:
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-        except OSError as e:  # disk full, permissions: the previous checkpoint stays intact
+        except (OSError, SafetensorError) as e:  # disk full, permissions: the previous checkpoint stays intact
             shutil.rmtree(tmp, ignore_errors=True)
             previous = self.checkpoints()
             kept = f"the newest complete checkpoint is {previous[-1]}" if previous else "no checkpoint was written"
-            raise Bd3Error(f"Could not write the checkpoint for step {step} in {self.path} ({e}); {kept}.") from None
+            raise cannot_write(final, e, f"continue with --resume once it can be written ({kept})") from None
         return final
 
     def train_state(self, ckpt: Path) -> dict:
@@ -207,16 +219,59 @@ def load_strict(module: torch.nn.Module, tensors: dict[str, torch.Tensor], sourc
     module.load_state_dict(tensors, strict=True)
 
 
+def complete_checkpoints(run: Path) -> list[Path]:
+    """The complete checkpoints of the run directory ``run``, oldest first."""
+    root = Path(run) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.glob("step-*") if p.is_dir() and all((p / f).exists() for f in CHECKPOINT_FILES))
+
+
 def resolve_run(run: Path | None, root: Path = Path("runs")) -> Path:
-    """The given run, or the newest run under ./runs (named on stderr)."""
+    """The given run, or the newest run under ./runs with a complete checkpoint (named on
+    stderr with the newer runs it skipped: still before their first save)."""
     if run is not None:
         return Path(run)
     candidates = [p for p in root.glob("*") if (p / "config.json").is_file()] if root.is_dir() else []
     if not candidates:
         raise Bd3Error(f"No run given and none found under ./{root}; pass a run directory, or create one with `bd3 pretrain`.")
-    newest = max(candidates, key=lambda p: (p / "config.json").stat().st_mtime)
-    print(f"Using the newest run: {newest}", file=sys.stderr)
+    candidates.sort(key=lambda p: (p / "config.json").stat().st_mtime, reverse=True)
+    skipped = list(itertools.takewhile(lambda p: not complete_checkpoints(p), candidates))
+    names = ", ".join(map(str, skipped))
+    if len(skipped) == len(candidates):
+        raise Bd3Error(
+            f"No run under ./{root} has a complete checkpoint yet ({names}: still training, or stopped before their "
+            "first save); pass a run directory, or wait for a first checkpoint."
+        )
+    newest = candidates[len(skipped)]
+    note = f" (skipped {names}: no complete checkpoint yet)" if skipped else ""
+    print(f"Using the newest run: {newest}{note}", file=sys.stderr)
     return newest
+
+
+RUN_ENTRIES = ("config.json", "tokenizer.json", "metrics.jsonl", "best.json", "checkpoints", "samples", "eval")  # the layout in design.md
+
+
+def check_replaceable(path: Path, force: bool, parent: str = "") -> None:
+    """Refuse to replace ``path`` unless ``force`` is given and it is a bd3 run directory (or
+    an empty folder) that is neither the current folder, nor one of its ancestors, nor the
+    ``parent`` run a fine-tune reads."""
+    if not force:
+        raise Bd3Error(f"{path} already exists. Choose another --out, or pass --force to replace it.")
+    if path.is_symlink() or not path.is_dir():
+        raise Bd3Error(f"{path} exists and is not a folder; remove it or choose another --out.")
+    if holds_working_dir(path):
+        raise Bd3Error(f"{path} is the current folder or holds it; --force replaces only a run directory elsewhere: choose another --out.")
+    if parent and Path(parent).resolve() == path.resolve():
+        raise Bd3Error(f"{path} is the run being fine-tuned; choose another --out for the new run.")
+    entries = [p.name for p in path.iterdir()]
+    foreign = sorted(n for n in entries if n not in RUN_ENTRIES and not (n.startswith(".") and ".tmp-" in n))
+    if foreign or (entries and "config.json" not in entries):
+        what = f"it holds {', '.join(foreign[:3])}" if foreign else "it has no config.json"
+        raise Bd3Error(
+            f"{path} is not a bd3 run directory ({what}); --force replaces only run directories: "
+            "choose another --out, or remove it yourself."
+        )
 
 
 _ADJECTIVES = "amber brisk calm dapper eager fuzzy gentle hazy ivory jolly keen lucid mellow nimble olive plucky quiet rapid sunny tidy vivid witty".split()
@@ -245,5 +300,9 @@ def _fsync(path: Path) -> None:
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:  # a full disk: the old file stays, the partial one goes
+        tmp.unlink(missing_ok=True)
+        raise cannot_write(path, e, "continue with --resume once it can be written") from None

@@ -22,6 +22,20 @@ from bd3.sampling.denoiser import backend_for
 from bd3.sampling.sedd import sample_sedd
 from bd3.sampling.threads import ThreadTuner
 
+TOKEN_BYTES = 96  # per token of each sample: its id in the sampler's buffer (8) and as a Python int (40), its text and JSON
+BLOCK_BYTES = 128  # per block of the schedule: its (start, end) pair
+
+
+def sample_memory(num_samples: int, max_tokens: int, block_size: int) -> int:
+    """About the bytes :func:`generate` holds for ``num_samples`` samples of ``max_tokens``
+    tokens (every finished sample is kept until the last one is done)."""
+    return num_samples * max_tokens * TOKEN_BYTES + (max_tokens // block_size + 1) * BLOCK_BYTES
+
+
+def max_sample_tokens(memory: int, num_samples: int, block_size: int) -> int:
+    """The largest ``max_tokens`` whose :func:`sample_memory` fits in ``memory`` bytes."""
+    return int((memory - BLOCK_BYTES) / (num_samples * TOKEN_BYTES + BLOCK_BYTES / block_size))
+
 
 def generate(
     model,

@@ -38,18 +38,27 @@ def render(ids: Sequence[int], tokenizer) -> str:
 
 
 class TextStream:
-    """The text of one sample, written as tokens arrive (:meth:`feed`); the decoder only
-    sees the segment since the last end-of-text token, and a trailing partial character
-    (or whitespace) is held back until what follows it arrives. ``holdback``: the last N
-    tokens fed are not shown until :meth:`finish` (the entropy stop may cut them)."""
+    """The text of one sample, written as tokens arrive (:meth:`feed`). The decoder only sees
+    the segment since the last end-of-text token, and of a long segment only its live tail:
+    once a segment has ``2 * SETTLE`` live tokens, its head is decoded once and its text set
+    aside (where the cut falls between characters), so a block costs the same however long
+    the sample is. A trailing partial character (or whitespace) is held back until what
+    follows it arrives. ``holdback``: the last N tokens fed are not shown until :meth:`finish`
+    (the entropy stop may cut them)."""
+
+    SETTLE = 256
 
     def __init__(self, tokenizer, out: TextIO, ids: Sequence[int] = (), holdback: int = 0) -> None:
         self.tokenizer, self.out, self.holdback = tokenizer, out, holdback
-        self.prefix = ""  # text of the finished segments, with their separators
-        self.segment: list[int] = []
+        self.ready: list[str] = []  # final text, not yet written
+        self.gap = ""  # a blank line per end-of-text token, shown before the text that follows
+        self.segment: list[int] = []  # the live ids of the current segment
+        self.settled = False  # whether the segment has text set aside (its leading whitespace is gone)
+        self.carry = ""  # whitespace between the segment's text set aside and its live ids
+        self.shown = ""  # the start of the live text, already passed on
+        self.retry = 2 * self.SETTLE  # segment length at which to try setting its head aside
         self.pending: list[int] = []  # fed, not yet decoded (the held-back tail)
         self.taken = 0  # ids decoded so far
-        self.written = ""
         self.feed(ids, write=False)
 
     def feed(self, ids: Sequence[int], write: bool = True) -> None:
@@ -64,30 +73,71 @@ class TextStream:
             if self.taken == 0 and i == tok.bos_id:  # a leading BOS is dropped
                 pass
             elif i == tok.eos_id:
-                self.prefix += tok.decode(self.segment).strip() + "\n\n"
-                self.segment = []
+                self._pass_on(self._live().rstrip())
+                self.gap += "\n\n"
+                self.segment, self.settled, self.carry, self.shown = [], False, "", ""
+                self.retry = 2 * self.SETTLE
             else:
                 self.segment.append(i)
+                if len(self.segment) >= self.retry:
+                    self._settle()
             self.taken += 1
         del self.pending[: max(n, 0)]
 
-    def text(self) -> str:
-        return self.prefix + self.tokenizer.decode(self.segment).strip()
+    def _live(self) -> str:
+        """The text of the segment's live ids (after what was set aside)."""
+        text = self.tokenizer.decode(self.segment)
+        return self.carry + text if self.settled else text.lstrip()
+
+    def _pass_on(self, live: str) -> None:
+        """Pass on ``live`` (the live text, or its visible start) beyond what was shown."""
+        if live.startswith(self.shown) and len(live) > len(self.shown):
+            self.ready.append(self.gap + live[len(self.shown) :])
+            self.gap, self.shown = "", live
+
+    def _settle(self) -> None:
+        """Set aside the text of all but the last SETTLE (or a few more) live ids, where the
+        cut falls cleanly between two pieces of text; else try again SETTLE ids later."""
+        self.retry = len(self.segment) + self.SETTLE
+        live = self._live()
+        if not live.startswith(self.shown):
+            return
+        decode = self.tokenizer.decode
+        whole = decode(self.segment)
+        for keep in range(self.SETTLE, self.SETTLE + 8):
+            head_ids, tail_ids = self.segment[:-keep], self.segment[-keep:]
+            head, tail = decode(head_ids), decode(tail_ids)
+            clean = whole.startswith(head) and whole.endswith(tail) and len(head) + len(tail) <= len(whole)
+            if not clean or "\ufffd" in (head[-1:], tail[:1]) or whole[len(head) : len(whole) - len(tail)].strip():
+                continue
+            aside = (self.carry + head if self.settled else head.lstrip()).rstrip()
+            if not aside or not live.startswith(aside):
+                continue
+            if len(self.shown) < len(aside):
+                self.ready.append(self.gap + aside[len(self.shown) :])
+                self.gap, self.shown = "", ""
+            else:
+                self.shown = self.shown[len(aside) :]
+            self.segment, self.settled, self.carry = tail_ids, True, live[len(aside) : len(live) - len(tail)]
+            self.retry = 2 * self.SETTLE
+            return
 
     def flush(self) -> None:
         # trailing whitespace waits for what follows it (a sample's end shows none)
-        text = self.text().rstrip("\ufffd").rstrip()
-        if text.startswith(self.written) and len(text) > len(self.written):
-            self.out.write(text[len(self.written) :])
+        self._pass_on(self._live().rstrip("\ufffd").rstrip())
+        self._write()
+
+    def _write(self) -> None:
+        if self.ready:
+            self.out.write("".join(self.ready))
             self.out.flush()
-            self.written = text
+            self.ready.clear()
 
     def finish(self, total: int | None = None) -> None:
         """Write the rest: the sample's first ``total`` tokens (default all fed)."""
         self._take(len(self.pending) if total is None else total - self.taken)
-        text = self.text().rstrip()
-        if text.startswith(self.written):
-            self.out.write(text[len(self.written) :])
+        self._pass_on(self._live().rstrip())
+        self._write()
         self.out.write("\n")
         self.out.flush()
 

@@ -33,6 +33,7 @@ from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance, variance_key
 from bd3.model import DiT
 from bd3.model.backends import resolve_attn
+from bd3.paths import check_room
 from bd3.runs import Run, load_strict, load_tensors
 from bd3.runtime import autocast, configure_model, resolve_precision
 from bd3.train import distributed as dist_
@@ -337,22 +338,32 @@ def _train(cfg, shards, out, par, device, init_weights, init_source, force, resu
         )
     precision = resolve_precision(cfg.train.precision, device)
     trainer = Trainer(cfg, shards, device, precision, resolve_attn(attn, device), compile, par)
-    if resume:
+    need = checkpoint_bytes(trainer.model)
+    if resume:  # every check before the first write: a refused resume leaves the run as it was
         run = Run.open(out)
         if run.config.data.tokenizer_sha256 != cfg.data.tokenizer_sha256:
             raise Bd3Error(f"The data's tokenizer does not match run {run.path}; resume with the run's own data.")
+        ckpts = run.checkpoints()
+        if not ckpts:
+            command = "finetune" if run.config.train.parent else "pretrain"
+            raise Bd3Error(
+                f"{run.path} has no complete checkpoint to resume from (it stopped before its first save); start it over "
+                f"with `bd3 {command} --out {run.path} --force` and its options."
+            )
+        done = int(run.train_state(ckpts[-1]).get("step", 0))
+        if done >= cfg.train.steps:
+            raise Bd3Error(f"{run.path} already has {done} of {cfg.train.steps} steps; pass a larger --steps to continue.")
+        _on_main(par, lambda: check_room(run.path / "checkpoints", need, "move the run to a disk with room"))
+        trainer.restore(run, ckpts[-1])
         run.config = cfg
         _on_main(par, run.write_config)
-        ckpt = run.latest_checkpoint()
         _on_main(par, run.remove_partial_checkpoints)
-        trainer.restore(run, ckpt)
         _on_main(par, lambda: run.truncate_metrics(trainer.step))
-        if trainer.step >= cfg.train.steps:
-            raise Bd3Error(f"{run.path} already has {trainer.step} of {cfg.train.steps} steps; pass a larger --steps to continue.")
     else:
         if init_weights is not None:
             load_strict(trainer.model, init_weights, init_source)
             trainer.ema = EMA(trainer.model, cfg.train.ema_decay)
+        _on_main(par, lambda: check_room(out, need, "choose another --out"))
         run = _on_main(par, lambda: Run.create(out, cfg, shards.tokenizer.to_json(), force=force)) or Run(out, cfg)
     trainer.distribute()
     _announce(console, run, trainer, resumed=resume)
@@ -379,6 +390,11 @@ def _open_loggers(names: Sequence[str], run: Run, trainer: Trainer, resume: bool
         console.print(line, markup=False, highlight=False, soft_wrap=True)
 
     return open_loggers(check_loggers(names), run.path, trainer.cfg.to_dict(), trainer.step, warn)
+
+
+def checkpoint_bytes(model: torch.nn.Module) -> int:
+    """About one checkpoint's size: the weights, their EMA and AdamW's two moments, in float32."""
+    return 4 * sum(p.numel() for p in model.parameters()) * 4 + (1 << 20)
 
 
 def _on_main(par: Parallel, action):
