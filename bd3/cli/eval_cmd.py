@@ -19,6 +19,7 @@ from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
 from bd3.model.backends import resolve_attn
+from bd3.runs.records import save_eval_record
 from bd3.runtime import configure_model, resolve_device, resolve_precision
 from bd3.sampling.generate import generate
 from bd3.sampling.text import sample_documents
@@ -135,6 +136,7 @@ def evaluate(
             [("set", "set"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", "perplexity")],
             json_, {"run": str(r.path), "algo": cfg.diffusion.algo, "block_size": cfg.diffusion.block_size, "zero_shot": results},
         )
+        save_eval_record(r.path, "zero-shot", {"run": str(r.path), "block_size": cfg.diffusion.block_size, "zero_shot": results})
         return
     result = nelbo_perplexity(
         model, run_shards(r).rows(split), cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
@@ -150,6 +152,7 @@ def evaluate(
         [("split", "split"), ("block_size", "block size"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", label)],
         json_, result,
     )
+    save_eval_record(r.path, "ppl", result)
 
 
 def variance(
@@ -216,6 +219,7 @@ def variance(
         results, columns, json_,
         {"run": str(r.path), "block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "intervals": results},
     )
+    save_eval_record(r.path, "variance", {"block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "intervals": results})
     if plot is not None:
         _plot(results, kind, plot)
         err.print(f"Wrote {plot}")
@@ -254,6 +258,8 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
         f"bd3 eval {source}: generative perplexity under {scorer.name} (window {scorer.context}, stride {scorer.context // 2})",
         [{"what": label, "value": result[key]} for key, label in GEN_PPL_ROWS], [("what", ""), ("value", "")], json_, result,
     )
+    if samples is None:  # generated from the run: the record belongs to it
+        save_eval_record(r.path, "gen-ppl", {**result, "judge": scorer.name, "block_size": bs, "max_tokens": max_tokens or r.config.model.length})
 
 
 def _judge(spec: str, device, precision: str):
