@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 
 from bd3.cli import options as o
-from bd3.cli.common import err, print_table
-from bd3.evaluate.report import COLUMNS, PLOT_HINT, check_out, collect, has_matplotlib, write_report
+from bd3.evaluate import report as report_lib
 
 
 def report(
-    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories to compare.", show_default=False)] = None,
+    runs: Annotated[Optional[list[Path]], typer.Argument(help="Run directories to compare.", metavar="RUN...", show_default=False)] = None,
     out: Annotated[
         Optional[Path],
         typer.Option(help="Also write report.md, report.json, report.html (self-contained) and the figures into this folder.", show_default=False),
@@ -39,14 +41,19 @@ def report(
       bd3 report runs/* --json > runs.json
     """
     if not runs:
-        raise typer.BadParameter("give at least one run directory, e.g. bd3 report runs/*.", param_hint="RUNS")
+        raise typer.BadParameter("give at least one run directory, e.g. bd3 report runs/*.", param_hint="RUN")
     if out is not None:
-        check_out(out, force)  # before reading every run
-    result = collect(runs)
-    print_table(f"bd3 report: {len(result['runs'])} runs ({result['data']}, {result['tokenizer']}, {result['wrap']} rows)",
-                result["runs"], list(COLUMNS), json_, result)
+        report_lib.check_out(out, force)  # before reading every run
+    result = report_lib.collect(runs)
+    if json_:
+        print(json.dumps(result, indent=2))
+    else:
+        console = Console(file=sys.stdout)
+        if not console.is_terminal:  # a pipe or a file: one line per run, however wide
+            console = Console(file=sys.stdout, width=250)
+        console.print(report_lib.terminal_table(result))
     if out is not None:
-        written = write_report(result, out, force)
-        err.print(f"Wrote {len(written)} files to {out}")
-        if not has_matplotlib():
-            err.print(PLOT_HINT)
+        written = report_lib.write_report(result, out, force)
+        print(f"Wrote {len(written)} files to {out}", file=sys.stderr)
+        if not report_lib.has_matplotlib():
+            print(report_lib.PLOT_HINT, file=sys.stderr)

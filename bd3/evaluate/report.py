@@ -276,6 +276,18 @@ def _html(report: dict, figures: dict[str, Path]) -> str:
             f"<p>{esc(_NOTES)}</p>{imgs}</body></html>\n")
 
 
+def terminal_table(report: dict):
+    """The runs as a rich table, one line per run (cells never wrap)."""
+    from rich.table import Table
+
+    table = Table(title=f"bd3 report: {len(report['runs'])} runs ({report['data']}, {report['tokenizer']}, {report['wrap']} rows)")
+    for _, header in COLUMNS:
+        table.add_column(header, no_wrap=True)
+    for r in report["runs"]:
+        table.add_row(*(_cell(r.get(k)) for k, _ in COLUMNS))
+    return table
+
+
 def _cell(v) -> str:
     if isinstance(v, float):
         return _num(v)

@@ -9,7 +9,7 @@ temporary file and renamed into place): the command's JSON result plus ``kind`` 
 from __future__ import annotations
 
 import json
-import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 from bd3.errors import Bd3Error
@@ -25,13 +25,14 @@ def save_eval_record(run_dir: Path, kind: str, result: dict) -> Path:
         raise ValueError(f"unknown evaluation kind {kind!r}; one of {', '.join(KINDS)}")
     folder = Path(run_dir) / EVAL_DIR
     folder.mkdir(exist_ok=True)
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    now = datetime.now(timezone.utc)
+    stamp = now.strftime("%Y%m%d-%H%M%S")
     path = folder / f"{kind}-{stamp}.json"
     n = 2
     while path.exists():  # two evaluations within a second
         path = folder / f"{kind}-{stamp}-{n}.json"
         n += 1
-    record = {"kind": kind, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **result}
+    record = {"kind": kind, "created": now.isoformat(timespec="microseconds"), **result}
     _atomic_write_text(path, json.dumps(record, indent=2) + "\n")
     return path
 
