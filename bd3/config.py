@@ -80,7 +80,7 @@ class DiffusionConfig:
     fix_clip: bool = False  # with clip_search: only report the search, keep the interval
     variance: str = "paper"  # which variance the search minimises: paper (across batches) or block
     antithetic: bool = True  # stratified draws of t over the (sequence, block) pairs
-    ignore_bos: bool = True  # position 0 (BOS; a raw row's first token, given as context as in the reference's OWT runs) is never masked and not counted
+    ignore_bos: bool = True  # position 0 (BOS; in raw rows a given first token, as in the reference's OWT runs) is never masked, not counted
 
     def __post_init__(self) -> None:
         # The specs' own vocabulary lives with their maths; canonical specs name every parameter.

@@ -349,11 +349,15 @@ def _plot_variance(ax, runs) -> bool:
 
 def _plot_block_size(ax, runs) -> bool:
     rows = [r for r in runs if r["ppl"] is not None]
+    seen: dict[int, int] = {}
     for i, r in enumerate(rows):
         ci = r["ppl_ci95"] or [r["ppl"], r["ppl"]]
-        ax.errorbar([r["block_size"]], [r["ppl"]], yerr=[[r["ppl"] - ci[0]], [ci[1] - r["ppl"]]], fmt="o", capsize=3,
+        nth = seen[r["block_size"]] = seen.get(r["block_size"], -1) + 1
+        x = r["block_size"] * 1.08 ** nth  # runs at the same block size side by side
+        ax.errorbar([x], [r["ppl"]], yerr=[[r["ppl"] - ci[0]], [ci[1] - r["ppl"]]], fmt="o", capsize=3,
                     color=f"C{i % 10}", label=f"{r['name']} ({r['algo']})")
-    ax.set(xlabel="block size L'", ylabel="validation perplexity", xscale="log")
+    ax.set(xlabel="block size L'", ylabel="validation perplexity", xscale="log", yscale="log")
+    ax.set_xticks(sorted(seen), [str(b) for b in sorted(seen)])
     ax.legend(fontsize=7)
     return bool(rows)
 
