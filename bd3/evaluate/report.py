@@ -70,7 +70,7 @@ def _summary(path: Path) -> dict:
         raise Bd3Error(f"{path} is not a bd3 run (no config.json); pass folders written by `bd3 pretrain` or `bd3 finetune`.")
     cfg = RunConfig.load(path / "config.json")
     d, metrics = cfg.diffusion, _metrics(path)
-    steps = [m for m in metrics if "loss" in m and "tokens" in m and m.get("event") is None]
+    steps = _step_records(metrics)
     per_step = steps[-1]["tokens"] / steps[-1]["step"] if steps else 0
     summary = next((m for m in reversed(metrics) if m.get("event") == "summary"), {})
     last_step = summary.get("step") or (steps[-1]["step"] if steps else 0)
@@ -105,6 +105,11 @@ def _metrics(path: Path) -> list[dict]:
     return [r for r in records if isinstance(r, dict)]
 
 
+def _step_records(metrics: list[dict]) -> list[dict]:
+    """The per-step training records (loss, tokens seen so far, ...), not the events."""
+    return [m for m in metrics if "loss" in m and "tokens" in m and m.get("event") is None]
+
+
 def _parent_tokens(parent: str | None, child: Path, depth: int = 0) -> int:
     """Tokens the run's ancestors were trained on (0 where a parent folder is gone)."""
     if not parent or depth > 16:
@@ -112,8 +117,7 @@ def _parent_tokens(parent: str | None, child: Path, depth: int = 0) -> int:
     p = Path(parent)
     for c in (p, child.parent / p.name):  # as recorded, else a sibling of the child (a moved folder of runs)
         if (c / "config.json").is_file():
-            metrics = _metrics(c)
-            steps = [m for m in metrics if "tokens" in m and m.get("event") is None]
+            steps = _step_records(_metrics(c))
             own = steps[-1]["tokens"] if steps else 0
             return own + _parent_tokens(RunConfig.load(c / "config.json").train.parent, c, depth + 1)
     return 0
