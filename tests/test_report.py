@@ -15,9 +15,10 @@ from bd3.evaluate import report as report_mod
 from bd3.runs.records import eval_records, save_eval_record
 
 
-def make_run(path: Path, algo: str = "bd3lm", block_size: int = 4, sha: str = "a" * 64, parent: str | None = None) -> Path:
+def make_run(path: Path, algo: str = "bd3lm", block_size: int = 4, sha: str = "a" * 64, parent: str | None = None,
+             data: str = "web") -> Path:
     cfg = RunConfig(model=ModelConfig(causal=algo == "ar"), diffusion=DiffusionConfig(algo=algo, block_size=block_size),
-                    data=DataConfig(tokenizer_sha256=sha))
+                    data=DataConfig(data=data, tokenizer_sha256=sha))
     cfg = replace(cfg, train=replace(cfg.train, parent=parent, steps=4))
     path.mkdir(parents=True)
     (path / "config.json").write_text(cfg.to_json())
@@ -86,6 +87,7 @@ def test_report_files_without_matplotlib(tmp_path, monkeypatch, capsys):
     ("none", 2, "at least one run"),
     ("not-a-run", 1, "is not a bd3 run"),
     ("tokenizers", 1, "different tokenizers"),
+    ("data", 1, "different data sets"),
     ("out-is-file", 1, "is not a folder"),
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, case, code, needle):
@@ -94,6 +96,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, code, needle):
         "none": ["report"],
         "not-a-run": ["report", run, tmp_path],
         "tokenizers": ["report", run, make_run(tmp_path / "b", sha="b" * 64)],
+        "data": ["report", run, make_run(tmp_path / "b", data="owt")],
         "out-is-file": ["report", run, "--out", tmp_path / "a" / "config.json"],
     }[case]
     got, out, err = bd3(capsys, *args)

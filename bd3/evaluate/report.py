@@ -56,10 +56,10 @@ def collect(run_dirs: list[Path]) -> dict:
     runs = [_summary(Path(p)) for p in run_dirs]
     first = runs[0]
     for other in runs[1:]:
-        for key, what in (("tokenizer_sha256", "tokenizer"), ("data", "data")):
+        for key, what in (("tokenizer_sha256", "tokenizers"), ("data", "data sets")):
             if other[key] != first[key]:
                 raise Bd3Error(
-                    f"{first['path']} and {other['path']} were trained with different {what}s "
+                    f"{first['path']} and {other['path']} were trained with different {what} "
                     f"({first[key][:16]} vs {other[key][:16]}); their perplexities are not comparable: report them separately."
                 )
     return {"data": first["data"], "tokenizer": first["tokenizer"], "wrap": first["wrap"], "runs": runs}
