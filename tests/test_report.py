@@ -96,7 +96,7 @@ def test_bad_input_is_one_line(tmp_path, capsys, case, code, needle):
         "none": ["report"],
         "not-a-run": ["report", run, tmp_path],
         "tokenizers": ["report", run, make_run(tmp_path / "b", sha="b" * 64)],
-        "data": ["report", run, make_run(tmp_path / "b", data="owt")],
+        "data": ["report", run, make_run(tmp_path / "c", data="owt")],
         "out-is-file": ["report", run, "--out", tmp_path / "a" / "config.json"],
     }[case]
     got, out, err = bd3(capsys, *args)
