@@ -21,6 +21,7 @@ VARIANCES = ("paper", "block")
 TRAIN_ESTIMATORS = ("t", "k")  # bd3.diffusion.estimators has the evaluation's third, exact
 DEFAULT_TRAIN_ESTIMATOR = "t"
 PRECISIONS = ("auto", "fp32", "bf16")
+WRAPS = ("special", "raw")  # token-shard row formats (see bd3.data.shards)
 
 # The full interval used for every likelihood evaluation (the paper's U[1e-3, 1]).
 FULL_CLIP = (1e-3, 1.0)
@@ -82,7 +83,7 @@ class DiffusionConfig:
     fix_clip: bool = False  # with clip_search: only report the search, keep the interval
     variance: str = "paper"  # which variance the search minimises: paper (across batches) or block
     antithetic: bool = True  # stratified draws of t over the (sequence, block) pairs
-    ignore_bos: bool = True  # position 0 (BOS) is never masked and not counted
+    ignore_bos: bool = True  # position 0 (BOS; in raw rows a given first token, as in the reference's OWT runs) is never masked, not counted
 
     def __post_init__(self) -> None:
         # The specs' own vocabulary lives with their maths; canonical specs name every parameter.
@@ -118,11 +119,19 @@ class DataConfig:
     eos_id: int = -1
     pad_id: int = -1
     tokenizer_sha256: str = ""  # hash of tokenizer.json, to refuse a mismatched tokenizer
+    wrap: str = "special"  # row format: special ([BOS] + L-2 + [EOS], LM1B) or raw (L stream tokens, OWT)
 
     def __post_init__(self) -> None:
+        _check(self.wrap in WRAPS, f"Unknown row format data.wrap {self.wrap!r}; choose one of {', '.join(WRAPS)}.")
         if self.vocab_size:
             _check(0 <= self.mask_id < self.vocab_size, f"data.mask_id {self.mask_id} is outside the vocabulary.")
             _check(self.pad_id != self.mask_id, "The pad id must differ from the mask id.")
+
+    @property
+    def start_id(self) -> int:
+        """The token a sample starts from: BOS for special rows; for raw rows, which never hold
+        BOS, EOS, the separator that precedes every document in the training stream."""
+        return self.bos_id if self.wrap == "special" else self.eos_id
 
 
 @dataclass

@@ -11,7 +11,7 @@ import pytest
 from bd3.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
-COMMANDS = ["tokenize", "pretrain", "finetune", "eval", "sample", "variance", "import", "export"]
+COMMANDS = ["tokenize", "pretrain", "finetune", "eval", "sample", "variance", "import", "export", "report"]
 SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
 
 

@@ -140,12 +140,31 @@ def test_tokenizer_spec_errors(tmp_path: Path) -> None:
 def test_builtin_sets_split(name: str) -> None:
     every = read_documents(name, "all")
     train, valid = read_documents(name, "train"), read_documents(name, "valid")
-    assert valid == every[49::50]
+    if name in sources.BUILTIN_VALID_FROM:  # whole books held out: a head and a tail
+        assert train + valid == every and valid[0] == sources.BUILTIN_VALID_FROM[name]
+    else:
+        assert valid == every[49::50]
+        assert train == [d for i, d in enumerate(every) if i % 50 != 49]
     assert len(train) + len(valid) == len(every) and len(valid) > 0
-    assert train == [d for i, d in enumerate(every) if i % 50 != 49]
     assert read_documents(name, "valid") == valid  # reproducible
     assert all(d and d == d.strip() for d in every)
     assert describe_source(name)["kind"] == "builtin"
+
+
+def test_web_valid_split_is_whole_books_of_100k_tokens() -> None:
+    """The built-in corpus holds out Acts to Revelation: >= 100k tokens at the defaults
+    (shipped BPE, length 128), no document of it in train, most of the corpus in train."""
+    shards = cached_shards("web", "bpe", 128, progress=False)
+    splits = shards.meta["splits"]
+    assert splits["valid"]["tokens"] >= 100_000
+    assert splits["train"]["tokens"] >= 8 * splits["valid"]["tokens"]
+    every = read_documents("web", "all")
+    train, valid = read_documents("web", "train"), read_documents("web", "valid")
+    assert train == every[: len(train)] and valid == every[len(train):]  # disjoint by position
+    for book in ("The Acts of the Apostles", "The Letter to the Hebrews", "The Revelation to John"):
+        assert book in valid and book not in train
+    assert "The Good News According to" in train and "The Good News According to" not in valid  # the gospels
+    assert shards.meta["source"]["valid"].startswith("whole books")
 
 
 def test_split_and_source_errors() -> None:
@@ -277,6 +296,33 @@ def test_tokenize_rows_reproduce_stream(tmp_path: Path, gpt2: Tokenizer) -> None
         "stream_tokens": stream.size, "dropped_tokens": stream.size - body.size,
     }
     assert meta["splits"]["valid"]["documents"] == 2
+
+
+def test_raw_rows_reproduce_stream(tmp_path: Path, gpt2: Tokenizer) -> None:
+    """--wrap raw: rows are the EOS-separated stream itself, no injected BOS/EOS."""
+    stream = np.arange(10, 24)
+    rows, rest = shards_mod.raw_rows(stream, 6)
+    assert rows.tolist() == [[10, 11, 12, 13, 14, 15], [16, 17, 18, 19, 20, 21]] and rest.tolist() == [22, 23]
+    text = paragraphs_file(tmp_path / "small.txt", 100)
+    raw = tokenize(str(text), gpt2, 16, tmp_path / "raw", progress=False, wrap="raw")
+    special = tokenize(str(text), gpt2, 16, tmp_path / "special", progress=False)
+    assert raw.wrap == raw.meta["wrap"] == "raw" and special.wrap == "special"
+    body = raw.rows("train").reshape(-1)
+    stream = document_stream(gpt2, read_documents(str(text), "train"))
+    assert body.tolist() == stream[: body.size].tolist() and stream.size - body.size < 16
+    assert raw.rows("train")[0, 0] != gpt2.bos_id  # the first paragraph's first token
+    assert len(raw.rows("train")) < len(special.rows("train"))  # 16 stream tokens a row, not 14
+    with pytest.raises(Bd3Error, match="--wrap 'lm1b'"):
+        tokenize(str(text), gpt2, 16, tmp_path / "bad", progress=False, wrap="lm1b")
+
+
+def test_wrap_is_part_of_the_cache_key(tmp_path: Path) -> None:
+    text = paragraphs_file(tmp_path / "small.txt", 100)
+    special = cached_shards(str(text), "gpt2", 16, cache_dir=tmp_path / "cache", progress=False)
+    raw = cached_shards(str(text), "gpt2", 16, cache_dir=tmp_path / "cache", progress=False, wrap="raw")
+    assert special.path != raw.path and (special.wrap, raw.wrap) == ("special", "raw")
+    again = cached_shards(str(text), "gpt2", 16, cache_dir=tmp_path / "cache", progress=False, wrap="raw")
+    assert again.path == raw.path
 
 
 def test_shards_round_trip(tmp_path: Path) -> None:

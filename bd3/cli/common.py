@@ -42,19 +42,23 @@ def run_tokenizer(run: Run) -> Tokenizer:
     return tok
 
 
-def shards_for(data: str, tokenizer: str, length: int, vocab_size: int) -> TokenShards:
-    """A `bd3 tokenize` folder as is, else the cached shards for (data, tokenizer, length)."""
+def shards_for(data: str, tokenizer: str, length: int, vocab_size: int, wrap: str | None = None) -> TokenShards:
+    """A `bd3 tokenize` folder as is (its row format must be ``wrap`` when given), else the
+    cached shards for (data, tokenizer, length, wrap; default special)."""
     p = Path(data)
     if p.is_dir() and (p / "meta.json").exists():
-        return TokenShards(p)
-    return cached_shards(data, tokenizer, length, vocab_size=vocab_size)
+        shards = TokenShards(p)
+        if wrap is not None and shards.wrap != wrap:
+            raise Bd3Error(f"The shards in {p} have {shards.wrap} rows, not {wrap}; tokenize again with --wrap {wrap}, or leave --wrap out.")
+        return shards
+    return cached_shards(data, tokenizer, length, vocab_size=vocab_size, wrap=wrap or "special")
 
 
 def run_shards(run: Run, length: int | None = None) -> TokenShards:
     """Token shards of the run's own data, tokenized with the run's own tokenizer."""
     cfg = run.config
     run_tokenizer(run)  # a tokenizer.json that does not match the run is named first
-    shards = shards_for(cfg.data.data, str(run.tokenizer_path), length or cfg.model.length, 0)
+    shards = shards_for(cfg.data.data, str(run.tokenizer_path), length or cfg.model.length, 0, cfg.data.wrap)
     if cfg.data.tokenizer_sha256 and shards.meta["tokenizer_sha256"] != cfg.data.tokenizer_sha256:
         raise Bd3Error(f"The data in {shards.path} was tokenized with another tokenizer than run {run.path}.")
     return shards

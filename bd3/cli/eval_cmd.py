@@ -24,6 +24,7 @@ from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.evaluate.variance import nelbo_variance, variance_key
 from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
 from bd3.model.backends import resolve_attn
+from bd3.runs.records import save_eval_record
 from bd3.runtime import configure_model, resolve_device, resolve_precision
 from bd3.sampling.generate import generate
 from bd3.sampling.text import sample_documents
@@ -180,6 +181,7 @@ def evaluate(
             f"bd3 eval {r.path}: zero-shot, {_how(results[0])}", [_labelled(x) for x in results], [("set", "set"), *columns],
             json_, {"run": str(r.path), "algo": d.algo, "block_size": d.block_size, "zero_shot": results},
         )
+        save_eval_record(r.path, "zero-shot", {"run": str(r.path), "block_size": cfg.diffusion.block_size, "zero_shot": results})
         return
     result = score(run_shards(r).rows(split))
     result.update(run=str(r.path), split=split, algo=d.algo, block_size=d.block_size)
@@ -187,6 +189,7 @@ def evaluate(
         f"bd3 eval {r.path}: {_how(result)}", [_labelled(result)], [("split", "split"), ("block_size", "block size"), *columns],
         json_, result,
     )
+    save_eval_record(r.path, "ppl", result)
 
 
 def _how(result: dict) -> str:
@@ -292,6 +295,7 @@ def variance(
         results, columns, json_,
         {"run": str(r.path), "block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "best_k": best_k, "intervals": results},
     )
+    save_eval_record(r.path, "variance", {"block_size": cfg.diffusion.block_size, "variance": kind, "best": best, "intervals": results})
     if plot is not None:
         _plot(results, kind, plot)
         err.print(f"Wrote {plot}")
@@ -330,6 +334,8 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
         f"bd3 eval {source}: generative perplexity under {scorer.name} (window {scorer.context}, stride {scorer.context // 2})",
         [{"what": label, "value": result[key]} for key, label in GEN_PPL_ROWS], [("what", ""), ("value", "")], json_, result,
     )
+    if samples is None:  # generated from the run: the record belongs to it
+        save_eval_record(r.path, "gen-ppl", {**result, "judge": scorer.name, "block_size": bs, "max_tokens": max_tokens or r.config.model.length})
 
 
 def _judge(spec: str, device, precision: str):

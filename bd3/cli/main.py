@@ -16,6 +16,7 @@ import typer
 from bd3 import __version__
 from bd3.cli.checkpoint_cmd import export_command, import_command
 from bd3.cli.eval_cmd import evaluate, variance
+from bd3.cli.report_cmd import report
 from bd3.cli.sample_cmd import sample
 from bd3.cli.tokenize_cmd import tokenize_command
 from bd3.cli.train_cmd import finetune, pretrain
@@ -41,6 +42,7 @@ app.command()(sample)
 app.command()(variance)
 app.command("import")(import_command)
 app.command("export")(export_command)
+app.command()(report)
 
 
 def _version(value: bool) -> None:

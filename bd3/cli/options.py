@@ -8,7 +8,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from bd3.config import TRAIN_ESTIMATORS
+from bd3.config import TRAIN_ESTIMATORS, WRAPS
 from bd3.model.backends import ATTN_BACKENDS
 from bd3.sampling.block import RULES, STOPS, Decoding
 
@@ -41,6 +41,23 @@ Data = Annotated[
 Tokenizer = Annotated[str, typer.Option(help="gpt2, bert-base-uncased, bpe (trained on the data; shipped for web) or path/to/tokenizer.json.")]
 VocabSize = Annotated[int, typer.Option(help="Vocabulary size when training a BPE tokenizer.", min=16)]
 Length = Annotated[int, typer.Option(help="Context length L in tokens.", min=8)]
+
+
+def _check_wrap(value: str | None) -> str | None:
+    if value is not None and value not in WRAPS:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(WRAPS)}.")
+    return value
+
+
+Wrap = Annotated[
+    Optional[str],
+    typer.Option(
+        help="Row format: special = [BOS] + (L-2) tokens + [EOS] (the paper's LM1B protocol; default); raw = L tokens of the "
+        "EOS-separated document stream, nothing injected (its OpenWebText protocol, for generating past the context: "
+        "samples then start from EOS). A `bd3 tokenize` folder keeps its own.",
+        callback=_check_wrap, show_default=False,
+    ),
+]
 
 
 def _check_attn(value: str) -> str:

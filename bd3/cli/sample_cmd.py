@@ -74,7 +74,7 @@ def sample(
     if precision == "fp16" and algo == "sedd":
         raise typer.BadParameter("fp16 weights are for bd3lm, mdlm and ar runs; sample a SEDD run with fp32 or bf16.", param_hint="--precision")
     tok = run_tokenizer(r)
-    ids = [cfg.data.bos_id]
+    ids = [cfg.data.start_id]  # BOS, or EOS for a run trained on raw rows
     if prompt is not None or prompt_file is not None:
         ids += tok.encode(prompt if prompt is not None else _read_prompt(prompt_file))
     if len(ids) >= L:

@@ -87,6 +87,7 @@ def pretrain(
     algo: Annotated[str, typer.Option(help=f"Algorithm: {', '.join(ALGOS)}.")] = "bd3lm",
     model: Annotated[str, typer.Option(help=f"Model size: {', '.join(MODEL_PRESETS)} (tiny = the reference's 256 wide, 8 layers, 8 heads).")] = "nano",
     length: o.Length = 128,
+    wrap: o.Wrap = None,
     block_size: Annotated[int, typer.Option(help="Block size L' (must divide the length).", min=1)] = 16,
     clip: o.Clip = None,
     resample: Resample = False,
@@ -125,7 +126,7 @@ def pretrain(
       bd3 pretrain                                    # nano model, built-in `web` corpus, ~10 min on 2 CPU cores
       bd3 pretrain --block-size 128 --data web        # MDLM-like pre-training at L' = L
       bd3 pretrain --algo sedd                        # the SEDD baseline (score entropy, absorbing graph)
-      bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --out runs/owt
+      bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 --wrap raw --out runs/owt
       bd3 pretrain --data 'books/*.txt' --tokenizer bpe --vocab-size 16384 --steps 5000
       bd3 pretrain --resume --out runs/owt --steps 20000  # continue after a crash or Ctrl-C
       bd3 pretrain --logger tensorboard --logger wandb  # also to TensorBoard (runs/NAME/tb) and W&B
@@ -148,14 +149,14 @@ def pretrain(
                 algo=algo, block_size=block_size, **({"clip": clip} if clip else {}), resample=resample, schedule=schedule,
                 weighting=weighting, estimator=estimator, clip_search=clip_search, fix_clip=fix_clip, variance=variance,
             ),
-            data=DataConfig(data=data, tokenizer=tokenizer),
+            data=DataConfig(data=data, tokenizer=tokenizer, wrap=wrap or "special"),
             train=TrainConfig(
                 steps=steps or TrainConfig.steps, batch_size=batch_size, global_batch_size=global_batch_size or 0, lr=lr,
                 warmup_steps=warmup_steps, seed=seed, device=device, precision=precision, log_every=log_every, save_every=save_every, keep_last=keep_last,
                 skip_nonfinite=skip_nonfinite, eval_batches=eval_batches,
             ),
         )
-    shards = shards_for(data, tokenizer, length, vocab_size)
+    shards = shards_for(data, tokenizer, length, vocab_size, wrap)
     train(cfg, shards, out or new_run_name(cfg), force=force, console=err, attn=attn, compile=compile_, fsdp=fsdp, loggers=logger)
 
 

@@ -2,9 +2,14 @@
 
 Wrapping follows the BD3-LM reference (``wrap=True``), with its per-batch remainder bug
 fixed: each document is tokenised without specials and followed by EOS; the concatenated
-stream of a split is cut into rows of ``length`` tokens, each row being
-``[BOS] + (length - 2) stream tokens + [EOS]``; only the stream's final remainder (fewer
-than ``length - 2`` tokens) is dropped.
+stream of a split is cut into rows of ``length`` tokens. Two row formats (``wrap``):
+
+* ``special`` (the LM1B protocol, the default): ``[BOS] + (length - 2) stream tokens + [EOS]``;
+* ``raw`` (the paper's OpenWebText protocol, its appendix C.1): ``length`` stream tokens, no
+  injected BOS/EOS, so no position of a row is tied to end-of-text and a model can generate
+  past its context. Documents are still separated by EOS in the stream.
+
+Only the stream's final remainder (shorter than a row's body) is dropped.
 
 A shard folder holds ``train.bin`` and ``valid.bin`` (flat C-order arrays of shape
 ``(rows, length)``, ``uint16`` when the vocabulary fits, else ``uint32``), the
@@ -35,6 +40,7 @@ from typing import Any, BinaryIO, Iterable, Iterator
 
 import numpy as np
 
+from bd3.config import WRAPS
 from bd3.data.sources import describe_source, iter_documents
 from bd3.data.tokenizer import WEB_BPE_VOCAB_SIZE, Tokenizer, load_tokenizer
 from bd3.errors import Bd3Error, cannot_write
@@ -70,6 +76,23 @@ def wrap_rows(
     return rows, stream[n * body:]
 
 
+def raw_rows(stream: np.ndarray, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Cut ``stream`` into rows of ``length`` tokens as they come; return (rows, remainder)."""
+    n = len(stream) // length
+    return stream[: n * length].reshape(n, length).copy(), stream[n * length:]
+
+
+def body_length(length: int, wrap: str) -> int:
+    """Stream tokens per row: ``length - 2`` for ``special`` rows, ``length`` for ``raw``."""
+    return length - 2 if wrap == "special" else length
+
+
+def check_wrap(wrap: str) -> str:
+    if wrap not in WRAPS:
+        raise Bd3Error(f"unknown row format --wrap {wrap!r}; choose one of {', '.join(WRAPS)}")
+    return wrap
+
+
 def document_stream(tokenizer: Tokenizer, docs: list[str], eos_between: bool = True) -> np.ndarray:
     """Token ids of ``docs``, each followed by EOS (unless ``eos_between`` is False, the
     reference's zero-shot protocol), as one int64 array."""
@@ -85,8 +108,8 @@ def document_stream(tokenizer: Tokenizer, docs: list[str], eos_between: bool = T
 class _RowWriter:
     """Appends wrapped rows to a binary file, carrying the remainder between chunks."""
 
-    def __init__(self, fh: BinaryIO, tokenizer: Tokenizer, length: int, dtype: np.dtype) -> None:
-        self.fh, self.length, self.dtype = fh, length, dtype
+    def __init__(self, fh: BinaryIO, tokenizer: Tokenizer, length: int, dtype: np.dtype, wrap: str = "special") -> None:
+        self.fh, self.length, self.dtype, self.wrap = fh, length, dtype, wrap
         self.bos, self.eos, self.mask = tokenizer.bos_id, tokenizer.eos_id, tokenizer.mask_id
         self.carry = np.empty(0, dtype=dtype)
         self.rows = 0
@@ -100,7 +123,10 @@ class _RowWriter:
             )
         self.stream_tokens += tokens.size
         buf = np.concatenate([self.carry, tokens.astype(self.dtype)])
-        rows, self.carry = wrap_rows(buf, self.length, self.bos, self.eos)
+        if self.wrap == "raw":
+            rows, self.carry = raw_rows(buf, self.length)
+        else:
+            rows, self.carry = wrap_rows(buf, self.length, self.bos, self.eos)
         rows.tofile(self.fh)
         self.rows += len(rows)
 
@@ -121,6 +147,7 @@ def tokenize(
     detokenizer: str | None = None,
     splits: tuple[str, ...] = SHARD_SPLITS,
     num_proc: int = 1,
+    wrap: str = "special",
 ) -> "TokenShards":
     """Tokenise the ``splits`` (default train and valid) of ``data`` into a shard folder ``out_dir``.
 
@@ -128,8 +155,10 @@ def tokenize(
     8192 tokens) and otherwise a BPE of ``vocab_size`` trained on ``data``'s train split.
     An existing non-empty ``out_dir`` is an error unless ``force`` (and even then only a
     bd3 shard folder is replaced). ``num_proc`` worker processes encode (same bytes as one).
+    ``wrap``: the row format, ``special`` or ``raw`` (see the module docstring).
     """
     _check_length(length)
+    check_wrap(wrap)
     if num_proc < 1:
         raise Bd3Error(f"--num-proc must be at least 1, got {num_proc}")
     out_dir = Path(out_dir).expanduser()
@@ -139,12 +168,12 @@ def tokenize(
     tmp = _make_tmp(out_dir)
     try:
         splits = {
-            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer, num_proc)
+            s: _write_split(data, s, tok, length, tmp / f"{s}.bin", progress, eos_between, detokenizer, num_proc, wrap)
             for s in splits
         }
         tok.save(tmp / "tokenizer.json")
         meta = _meta(tok, length, splits, source)
-        meta.update(eos_between_documents=eos_between, detokenizer=detokenizer)
+        meta.update(eos_between_documents=eos_between, detokenizer=detokenizer, wrap=wrap)
         _write_json(tmp / "meta.json", meta)
         _publish(tmp, out_dir, force)
     except OSError as e:  # a full disk, a folder that cannot be written
@@ -213,13 +242,13 @@ def _make_tmp(out_dir: Path) -> Path:
 
 def _write_split(
     data: str, split: str, tok: Tokenizer, length: int, path: Path, progress: bool,
-    eos_between: bool = True, detokenizer: str | None = None, num_proc: int = 1,
+    eos_between: bool = True, detokenizer: str | None = None, num_proc: int = 1, wrap: str = "special",
 ) -> dict[str, int]:
     dtype = row_dtype(tok.vocab_size)
     documents = 0
     chunks = _chunks(iter_documents(data, split, detokenizer), ENCODE_CHUNK)
     with open(path, "wb") as fh, _progress_bar(f"tokenize {split}", progress) as bar:
-        writer = _RowWriter(fh, tok, length, dtype)
+        writer = _RowWriter(fh, tok, length, dtype, wrap)
         for n_docs, tokens in _encoded(chunks, tok, eos_between, num_proc):
             writer.add(tokens)
             documents += n_docs
@@ -227,7 +256,7 @@ def _write_split(
     if writer.rows == 0:
         raise Bd3Error(
             f"data {data!r}, split {split!r}: {writer.stream_tokens} tokens from {documents} "
-            f"documents make no row of length {length} (needs {length - 2}); the data is too "
+            f"documents make no row of length {length} (needs {body_length(length, wrap)}); the data is too "
             "small for that length: use a smaller --length or more data"
         )
     return {
@@ -364,11 +393,13 @@ def cached_shards(
     detokenizer: str | None = None,
     splits: tuple[str, ...] = SHARD_SPLITS,
     num_proc: int = 1,
+    wrap: str = "special",
 ) -> "TokenShards":
     """Shards for (data, tokenizer, length) from the cache, tokenising only on a miss
     (``num_proc`` does not change the bytes, so it is not part of the key)."""
     _check_length(length)
-    wrapping = {"eos_between": eos_between, "detokenizer": detokenizer, "splits": list(splits)}
+    check_wrap(wrap)
+    wrapping = {"eos_between": eos_between, "detokenizer": detokenizer, "splits": list(splits), "wrap": wrap}
     key, tok = _cache_key(data, tokenizer, length, vocab_size, wrapping)
     out = cache_root(cache_dir) / f"{_slug(data)}-{length}-{key[:16]}"
     if _is_complete(out):
@@ -376,7 +407,7 @@ def cached_shards(
     try:
         return tokenize(data, tok or tokenizer, length, out, vocab_size=vocab_size, force=out.exists(),
                         progress=progress, eos_between=eos_between, detokenizer=detokenizer, splits=splits,
-                        num_proc=num_proc)
+                        num_proc=num_proc, wrap=wrap)
     except _OutDirTaken:
         if _is_complete(out):  # a concurrent process built the same shards
             return TokenShards(out)
@@ -401,7 +432,7 @@ def _cache_key(
         "tokenizer": tok_key,
         "length": int(length),
     }
-    if wrapping and wrapping != {"eos_between": True, "detokenizer": None, "splits": list(SHARD_SPLITS)}:
+    if wrapping and wrapping != {"eos_between": True, "detokenizer": None, "splits": list(SHARD_SPLITS), "wrap": "special"}:
         blob["wrapping"] = wrapping  # the default leaves earlier cache keys unchanged
     digest = hashlib.sha256(json.dumps(blob, sort_keys=True).encode("utf-8")).hexdigest()
     return digest, tok
@@ -445,6 +476,11 @@ class TokenShards:
     @property
     def dtype(self) -> np.dtype:
         return np.dtype(self.meta["dtype"])
+
+    @property
+    def wrap(self) -> str:
+        """The row format (``special`` for folders written before raw rows existed)."""
+        return self.meta.get("wrap", "special")
 
     @property
     def tokenizer(self) -> Tokenizer:

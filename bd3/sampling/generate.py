@@ -67,7 +67,7 @@ def generate(
     device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
     threads = ThreadTuner(threads, device)  # so is what it learnt about threads
     batch_size = min(batch_size or num_samples, num_samples)
-    prompt = list(prompt) if prompt is not None else [data.bos_id]
+    prompt = list(prompt) if prompt is not None else [data.start_id]
     common = dict(max_tokens=max_tokens, length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id,
                   prompt=prompt, seed=seed, decoding=decoding, on_block=on_block, threads=threads)
     out: list[Sample] = []

@@ -17,9 +17,9 @@ SEPARATOR = "\n" + "=" * 80 + "\n\n"
 
 def sample_documents(ids: Sequence[int], tokenizer) -> list[str]:
     """The documents of a sample's token ids: split at each end-of-text token, the leading
-    BOS dropped, each decoded."""
+    BOS (or EOS, where a run trained on raw rows starts) dropped, each decoded."""
     ids = list(ids)
-    if ids and ids[0] == tokenizer.bos_id:
+    if ids and ids[0] in (tokenizer.bos_id, tokenizer.eos_id):
         ids = ids[1:]
     documents, current = [], []
     for i in ids:
@@ -70,7 +70,7 @@ class TextStream:
     def _take(self, n: int) -> None:
         tok = self.tokenizer
         for i in self.pending[: max(n, 0)]:
-            if self.taken == 0 and i == tok.bos_id:  # a leading BOS is dropped
+            if self.taken == 0 and i in (tok.bos_id, tok.eos_id):  # a leading BOS (EOS: raw rows) is dropped
                 pass
             elif i == tok.eos_id:
                 self._pass_on(self._live().rstrip())

@@ -82,7 +82,7 @@ def fill_data_config(cfg: RunConfig, shards: TokenShards) -> RunConfig:
     data = replace(
         cfg.data,
         vocab_size=m["vocab_size"], mask_id=m["mask_id"], bos_id=m["bos_id"], eos_id=m["eos_id"],
-        pad_id=m["pad_id"], tokenizer_sha256=m["tokenizer_sha256"],
+        pad_id=m["pad_id"], tokenizer_sha256=m["tokenizer_sha256"], wrap=shards.wrap,
     )
     return replace(cfg, data=data)
 
