@@ -50,8 +50,9 @@
 #   STEPS [900]: training steps per final model; BASE_STEPS [2/3 of STEPS]: the L' = L base's share
 #   BATCH [16]  GLOBAL_BATCH [BATCH x NPROC]  BLOCK_SIZES ["16 8 4"]  CLIP_16, CLIP_8 ["0.3 0.8"]  CLIP_4 ["0.45 0.95"]
 #   TRAIN_OPTS [""]: extra options for every pretrain and finetune (e.g. --eval-batches 4)
-#   EVAL_OPTS ["--passes 4"]: the estimator options of every `bd3 eval` perplexity
-#   SEDD_EVAL_OPTS [EVAL_OPTS]: the same for the SEDD run (a time-conditioned model)
+#   EVAL_OPTS ["--estimator k --passes 2"]: the estimator options of every `bd3 eval` perplexity
+#   SEDD_EVAL_OPTS ["--estimator t --passes 4"]: the same for the SEDD run (time-conditioned: k does not apply);
+#     the AR run is scored by its exact NLL
 #   EVAL_BATCHES [all]: validation batches per evaluation; ZS_SETS [devil,jargon,mhcc]; ZS_BATCHES [32]
 #   JUDGE [the AR run]  NUM_SAMPLES [16]  GEN_TOKENS [LENGTH]: gen-PPL samples and their length
 #   VAR_BATCHES [16]  VAR_OPTS [""]: `bd3 variance` batches and options (default: the paper's grid)
@@ -76,8 +77,8 @@ CLIP_16=${CLIP_16:-0.3 0.8}
 CLIP_8=${CLIP_8:-0.3 0.8}
 CLIP_4=${CLIP_4:-0.45 0.95}
 TRAIN_OPTS=${TRAIN_OPTS:-}
-EVAL_OPTS=${EVAL_OPTS:---passes 4}
-SEDD_EVAL_OPTS=${SEDD_EVAL_OPTS:-$EVAL_OPTS}
+EVAL_OPTS=${EVAL_OPTS:---estimator k --passes 2}
+SEDD_EVAL_OPTS=${SEDD_EVAL_OPTS:---estimator t --passes 4}
 EVAL_BATCHES=${EVAL_BATCHES:-}
 ZS_SETS=${ZS_SETS:-devil,jargon,mhcc}
 ZS_BATCHES=${ZS_BATCHES:-32}
@@ -149,6 +150,7 @@ for name in "${FINAL[@]}"; do
   dir=$RUNS/$name
   opts=$EVAL_OPTS
   [[ $name == sedd ]] && opts=$SEDD_EVAL_OPTS
+  [[ $name == ar ]] && opts=""  # its NLL is exact: no estimator
   # shellcheck disable=SC2086  # the options are several words
   if ! done_eval "$dir" ppl; then
     say "$name: validation perplexity"
