@@ -61,6 +61,12 @@ def _check_ci_width(value: float) -> float:
     return value
 
 
+def _check_limit(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value:g} documents: give a positive number (or a fraction below 1).")
+    return value
+
+
 def evaluate(
     run: o.RunArg = None,
     split: Split = "valid",
@@ -101,6 +107,16 @@ def evaluate(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     json_: o.Json = False,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(help="Downstream tasks of lm-evaluation-harness instead, comma-separated (needs pip install 'bd3[harness]'). "
+                     "Diffusion log-likelihoods are bounds (exact estimator at block sizes <= 8, else k with --passes, default 8).",
+                     show_default=False),
+    ] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="With --tasks: few-shot examples per prompt (default: each task's).", min=0, show_default=False)] = None,
+    limit: Annotated[Optional[float], typer.Option(help="With --tasks: at most N documents per task (below 1: a fraction of them).", callback=_check_limit, show_default=False)] = None,
+    include_path: Annotated[Optional[Path], typer.Option(help="With --tasks: a folder of task YAML files (local data sets run offline).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="With --tasks: also write lm-eval's results as JSON to this new file.", show_default=False)] = None,
 ) -> None:
     """Validation perplexity: the NELBO bound for diffusion models (t ~ U[1e-3, 1], one
     stratified t per block), the exact NLL for AR runs.
@@ -120,7 +136,23 @@ def evaluate(
       bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
       bd3 eval runs/owt-bs4 --gen-ppl --judge gpt2-large --num-samples 300
       bd3 eval --samples samples.jsonl --judge runs/owt-ar    # samples of `bd3 sample --format jsonl`
+      bd3 eval runs/owt-bs4 --tasks lambada_openai,piqa --output results.json   # lm-eval tasks (hub)
+      bd3 eval runs/owt-bs4 --tasks my_task --include-path tasks/ --limit 100   # a local task folder
     """
+    if tasks is not None:
+        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--ci-width", ci_width, 0.02),
+                                     ("--max-passes", max_passes, None), ("--zero-shot", zero_shot, None), ("--data", data, None),
+                                     ("--gen-ppl", gen_ppl, False), ("--samples", samples, None), ("--max-batches", max_batches, None),
+                                     ("--block-size", block_size, None), ("--compile", compile_, False), ("--precision", precision, "fp32")):
+            if value != default:
+                raise typer.BadParameter("does not apply to --tasks.", param_hint=name)
+        if passes == "auto":
+            raise typer.BadParameter("--tasks takes a number of passes per request, not auto.", param_hint="--passes")
+        return _harness(run, tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path, output=output,
+                        estimator=estimator, passes=int(passes), batch_size=batch_size, seed=seed, device=device, json_=json_)
+    for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path), ("--output", output)):
+        if value is not None:
+            raise typer.BadParameter("applies to --tasks only.", param_hint=name)
     if gen_ppl or samples is not None:
         if zero_shot:
             raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
@@ -186,6 +218,24 @@ def evaluate(
     print_table(
         f"bd3 eval {r.path}: {_how(result)}", [_labelled(result)], [("split", "split"), ("block_size", "block size"), *columns],
         json_, result,
+    )
+
+
+def _harness(run, tasks: str, *, passes: int, json_: bool, **options) -> None:
+    """--tasks: lm-evaluation-harness tasks on the run, a table of their metrics."""
+    import logging
+
+    from bd3.evaluate.harness import DEFAULT_PASSES, evaluate_tasks, metric_rows  # lm-eval only when asked
+
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter("name at least one task.", param_hint="--tasks")
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
+    result = evaluate_tasks(run, names, passes=DEFAULT_PASSES if passes == 1 else passes, **options)
+    bound = "lower bounds on log-likelihoods (NELBO, estimator " + f"{result['estimator']})" if result["bound"] else "exact log-likelihoods"
+    print_table(
+        f"bd3 eval {result['run']}: lm-eval tasks, {bound}", metric_rows(result),
+        [("task", "task"), ("metric", "metric"), ("filter", "filter"), ("value", "value"), ("stderr", "stderr")], json_, result,
     )
 
 
