@@ -34,10 +34,17 @@ QUESTIONS = [
     {"question": "Water is", "choices": [" wet", " dry"], "answer": 0},
     {"question": "One, two,", "choices": [" three", " blue", " house"], "answer": 0},
 ]
-TEXTS = ["It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness.",
+TEXTS = ["It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of foolishness. " * 2,
          "Call me Ishmael."]
 PAIRS = [("The sun rises in the", " east"), ("", "Hello there"), ("Once upon a time " * 12, "there was a king"),
          ("A", " long continuation of several words here")]
+
+
+@pytest.fixture(autouse=True)
+def _no_environment_report(monkeypatch):
+    """lm-eval reports the environment with each result (pip and GPU queries in subprocesses,
+    seconds per call); nothing here checks it."""
+    monkeypatch.setattr("lm_eval.evaluator.add_env_info", lambda results: None)
 
 
 def tiny_run(path, algo: str, block_size: int = 4):
@@ -111,6 +118,31 @@ def test_ar_loglikelihoods_are_token_log_probs(runs):
     assert got == lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
 
 
+def test_ar_rolling_is_the_sum_over_windows(runs):
+    """Windows of L - 2 tokens, each after BOS with nothing before it (bd3 eval --zero-shot's rows)."""
+    lm = Bd3LM(run=runs["ar"], device="cpu")
+    randomize(lm.model, seed=3)
+    got = lm.loglikelihood_rolling(requests([(t,) for t in TEXTS], "loglikelihood_rolling"), disable_tqdm=True)
+    for text, value in zip(TEXTS, got):
+        ids, direct = lm.tok_encode(text), 0.0
+        assert len(ids) > LENGTH or text != TEXTS[0]  # the first text needs several windows
+        for i in range(0, len(ids), LENGTH - 2):
+            x = torch.tensor([lm.config.data.bos_id, *ids[i : i + LENGTH - 2]])
+            with torch.no_grad():
+                logp = log_probs(lm.model(x[None, :-1])[0], lm.config.data.mask_id)
+            direct += logp.gather(-1, x[1:, None]).sum().item()
+        assert value == pytest.approx(direct, abs=1e-5)
+
+
+def test_generate_until_stops_at_the_first_stop_string(runs):
+    lm = Bd3LM(run=runs["bd3lm"], device="cpu")
+    randomize(lm.model, seed=4)
+    gen = [("Once upon a time", {"until": ["e"], "max_gen_toks": 16}), ("Hello", {"until": ["\n"], "max_gen_toks": 8, "do_sample": True})]
+    out = lm.generate_until(requests(gen, "generate_until"), disable_tqdm=True)
+    assert "e" not in out[0] and isinstance(out[1], str) and len(lm.tok_encode(out[1])) <= 8
+    assert out == lm.generate_until(requests(gen, "generate_until"), disable_tqdm=True)
+
+
 def brute_force_bound(model, row, start, block_size, mask_id):
     """-NELBO of row[start:] given row[:start] clean, the rest of the model length unknown
     (masked): for each block and each non-empty subset S of its continuation positions (m of
@@ -143,6 +175,12 @@ def test_bd3lm_exact_bound_equals_brute_force_enumeration(runs):
     for (row, start), (value, _) in zip(encoded_rows(lm, PAIRS), got):
         assert value == pytest.approx(brute_force_bound(lm.model, row, start, 4, lm.config.data.mask_id), abs=1e-5)
     assert got == lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
+    k = Bd3LM(run=runs["bd3lm"], device="cpu", estimator="k", passes=64)
+    randomize(k.model, seed=2)
+    estimate = k.loglikelihood(requests(PAIRS), disable_tqdm=True)
+    assert estimate == k.loglikelihood(requests(PAIRS), disable_tqdm=True)  # seeded
+    for (exact, _), (value, _) in zip(got, estimate):
+        assert value == pytest.approx(exact, rel=0.05)
 
 
 def eval_json(args, capsys) -> dict:
