@@ -55,7 +55,7 @@ class Bd3LM(TemplateLM):
     allows, else k with ``passes`` passes); AR runs are exact. Greedy generation unless the
     task asks ``do_sample``. Options arrive as strings from ``model_args``."""
 
-    def __init__(self, run: str | Path, batch_size: int | str = 16, device: str = "auto", estimator: str | None = None,
+    def __init__(self, run: str | Path, batch_size: int | str | None = 16, device: str | None = "auto", estimator: str | None = None,
                  passes: int | str = DEFAULT_PASSES, seed: int | str = 1, **kwargs) -> None:
         super().__init__()
         from bd3.cli.common import load_model, open_run, run_tokenizer  # the run's strict loading and tokenizer check
@@ -64,10 +64,11 @@ class Bd3LM(TemplateLM):
         r = open_run(Path(run))
         self.run_path, self.config = r.path, r.config
         self.tok = run_tokenizer(r)
-        self._device = resolve_device(str(device))
+        self._device = resolve_device(device or "auto")
         self.model = load_model(r, self._device)
         d = self.config.diffusion
-        self.algo, self.batch_size, self.seed = d.algo, int(batch_size), int(seed)
+        # lm-eval passes batch_size=None (or "auto") when none was asked: bd3's default then
+        self.algo, self.batch_size, self.seed = d.algo, int(batch_size) if str(batch_size).isdigit() else 16, int(seed)
         self.estimator = default_estimator(d.algo, d.block_size, estimator)
         self.passes = int(passes) if self.estimator == "k" else 1
         self.scorer = None if d.algo == "sedd" else Scorer(
@@ -163,33 +164,41 @@ def task_folder(include_path: Path) -> Path:
 def task_manager(names: list[str], include_path: Path | None, algo: str):
     """lm-eval's TaskManager for ``names``: the local folder alone when every task is local
     (no index of lm-eval's built-in tasks, no network), else with the built-in tasks once
-    the hub is known to be reachable. Every mistake is one Bd3Error."""
+    the hub is known to be reachable (checked before lm-eval's slow import when no folder is
+    given). Every mistake is one Bd3Error."""
+    if include_path is None:
+        _hub_or_fail(names)
     from lm_eval.tasks import TaskManager
-
-    from bd3.data.sources import HUB_HOST, hub_reachable
 
     local = TaskManager(include_path=str(task_folder(include_path)), include_defaults=False) if include_path else None
     index = local.task_index if local else {}
-    elsewhere = [n for n in names if n not in index]
-    hub = [n for n in names if n in index and not _local_data(index[n].cfg or {}, include_path)]
     if algo == "sedd":
         for n in names:
             kind = TASK_KINDS.get((index[n].cfg or {}).get("output_type", "")) if n in index else None
             if kind and kind != "generate_until":
                 raise Bd3Error(f"task {n}: " + unsupported_by_sedd(kind))
-    if not elsewhere and not hub:
+    elsewhere = [n for n in names if n not in index]
+    hub = [n for n in names if n in index and not _local_data(index[n].cfg or {}, include_path)]
+    if local is not None and not elsewhere and not hub:
         return local
-    offline = any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
-    if not offline and not hub_reachable():
-        where = f"not in --include-path {include_path}" + _close(elsewhere, index) + "; " if elsewhere and include_path else ""
-        raise Bd3Error(f"{', '.join(elsewhere + hub)}: {where}lm-eval's tasks read their data sets from the HuggingFace hub, and "
-                       f"{HUB_HOST} cannot be reached (offline?). Run them where the hub is reachable, or {HOW_TO_COPY}.")
+    if include_path is not None:
+        _hub_or_fail(elsewhere + hub, f"not in --include-path {include_path}{_close(elsewhere, index)}; " if elsewhere else "")
     manager = TaskManager(include_path=str(include_path) if include_path else None)
     known = set(manager.all_tasks) | set(manager.all_groups) | set(manager.all_tags)
     unknown = [n for n in names if n not in known]
     if unknown:
         raise Bd3Error(f"Unknown task {', '.join(unknown)}{_close(unknown, known)} among lm-eval's tasks and those under --include-path.")
     return manager
+
+
+def _hub_or_fail(names: list[str], where: str = "") -> None:
+    """Nothing when the hub can be reached (or HF's offline mode reads its cache), else one error."""
+    from bd3.data.sources import HUB_HOST, hub_reachable
+
+    offline = any(os.environ.get(v, "").strip().upper() in {"1", "ON", "YES", "TRUE"} for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+    if not offline and not hub_reachable():
+        raise Bd3Error(f"{', '.join(names)}: {where}lm-eval's tasks read their data sets from the HuggingFace hub, and "
+                       f"{HUB_HOST} cannot be reached (offline?). Run them where the hub is reachable, or {HOW_TO_COPY}.")
 
 
 def _local_data(cfg: dict, include_path: Path | None) -> bool:
