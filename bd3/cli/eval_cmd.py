@@ -143,8 +143,12 @@ def evaluate(
         for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--ci-width", ci_width, 0.02),
                                      ("--max-passes", max_passes, None), ("--zero-shot", zero_shot, None), ("--data", data, None),
                                      ("--gen-ppl", gen_ppl, False), ("--samples", samples, None), ("--max-batches", max_batches, None),
-                                     ("--block-size", block_size, None), ("--compile", compile_, False), ("--precision", precision, "fp32")):
-            if value != default:
+                                     ("--block-size", block_size, None), ("--compile", compile_, False), ("--precision", precision, "fp32"),
+                                     ("--attn", attn, "auto"), ("--judge", judge, "gpt2-large"), ("--num-samples", num_samples, 16),
+                                     ("--max-tokens", max_tokens, None), ("--sampler", sampler, None), ("--steps", steps, None),
+                                     ("--threshold", threshold, None), ("--top-p", top_p, None), ("--temperature", temperature, 1.0),
+                                     ("--stop", stop, "none"), ("--kv-cache", kv_cache, True), ("--threads", threads, None)):
+            if value != default:  # generation tasks take their own settings (greedy unless a task samples)
                 raise typer.BadParameter("does not apply to --tasks.", param_hint=name)
         if passes == "auto":
             raise typer.BadParameter("--tasks takes a number of passes per request, not auto.", param_hint="--passes")
@@ -223,18 +227,20 @@ def evaluate(
 
 def _harness(run, tasks: str, *, passes: int, json_: bool, **options) -> None:
     """--tasks: lm-evaluation-harness tasks on the run, a table of their metrics."""
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter("name at least one task.", param_hint="--tasks")
     import logging
 
     from bd3.evaluate.harness import DEFAULT_PASSES, evaluate_tasks, metric_rows  # lm-eval only when asked
 
-    names = [n.strip() for n in tasks.split(",") if n.strip()]
-    if not names:
-        raise typer.BadParameter("name at least one task.", param_hint="--tasks")
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
     result = evaluate_tasks(run, names, passes=DEFAULT_PASSES if passes == 1 else passes, **options)
-    bound = "lower bounds on log-likelihoods (NELBO, estimator " + f"{result['estimator']})" if result["bound"] else "exact log-likelihoods"
+    k_passes = f", {result['passes']} passes" if result["estimator"] == "k" else ""
+    how = {"ar": "exact log-likelihoods", "sedd": "generation"}.get(
+        result["algo"], f"log-likelihoods are lower bounds (NELBO, estimator {result['estimator']}{k_passes})")
     print_table(
-        f"bd3 eval {result['run']}: lm-eval tasks, {bound}", metric_rows(result),
+        f"bd3 eval {result['run']}: lm-eval tasks, {how}", metric_rows(result),
         [("task", "task"), ("metric", "metric"), ("filter", "filter"), ("value", "value"), ("stderr", "stderr")], json_, result,
     )
 

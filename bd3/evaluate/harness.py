@@ -58,6 +58,9 @@ class Bd3LM(TemplateLM):
     def __init__(self, run: str | Path, batch_size: int | str | None = 16, device: str | None = "auto", estimator: str | None = None,
                  passes: int | str = DEFAULT_PASSES, seed: int | str = 1, **kwargs) -> None:
         super().__init__()
+        unknown = set(kwargs) - {"max_batch_size"}  # lm-eval passes max_batch_size to every model
+        if unknown:
+            raise Bd3Error(f"Unknown bd3 model argument(s) {', '.join(sorted(unknown))}; bd3 takes run, batch_size, device, estimator, passes, seed.")
         from bd3.cli.common import load_model, open_run, run_tokenizer  # the run's strict loading and tokenizer check
         from bd3.runtime import resolve_device
 
@@ -236,7 +239,7 @@ def evaluate_tasks(
         raise Bd3Error(f"{output} already exists; choose another --output path or remove it.")
     r = Run.open(resolve_run(run))
     d = r.config.diffusion
-    estimator = default_estimator(d.algo, d.block_size, estimator) if d.algo != "sedd" else None
+    default_estimator(d.algo, d.block_size, estimator)  # a wrong --estimator fails before any task is read
     manager = task_manager(names, include_path, d.algo)
     model = Bd3LM(run=r.path, batch_size=batch_size, device=device, estimator=estimator, passes=passes, seed=seed)
     try:
@@ -264,7 +267,7 @@ def metric_rows(result: dict) -> list[dict]:
     rows = []
     for task, metrics in result["lm_eval"]["results"].items():
         for key, value in metrics.items():
-            if key == "alias" or "_stderr," in key or not isinstance(value, (int, float)):
+            if "," not in key or "_stderr," in key or not isinstance(value, (int, float)):  # metrics are "name,filter"
                 continue
             metric, _, flt = key.partition(",")
             se = metrics.get(f"{metric}_stderr,{flt}")
