@@ -147,10 +147,11 @@ def brute_force_bound(model, row, start, block_size, mask_id):
     """-NELBO of row[start:] given row[:start] clean, the rest of the model length unknown
     (masked): for each block and each non-empty subset S of its continuation positions (m of
     them), one plain forward over the clean earlier blocks and the block with S masked,
-    weighted by the integral over the mask rate u of u^(k-1) (1-u)^(m-k) (a Beta function)."""
+    weighted by the integral over the mask rate u of u^(k-1) (1-u)^(m-k) (a Beta function).
+    Also is_greedy: with S all of a block's continuation positions, the argmax gives them."""
     x = torch.full((LENGTH,), mask_id)
     x[: len(row)] = torch.tensor(row)
-    total = 0.0
+    total, greedy = 0.0, True
     for b in range(LENGTH // block_size):
         s, e = b * block_size, (b + 1) * block_size
         positions = [i for i in range(s, e) if start <= i < len(row)]
@@ -164,21 +165,32 @@ def brute_force_bound(model, row, start, block_size, mask_id):
                     logits = model(seq[None], attn_mask=block_causal_mask(e, block_size))[0]
                 logp = log_probs(logits, mask_id)
                 total += weight * sum(logp[i, x[i]].item() for i in subset)
-    return total
+                if k == m:
+                    greedy &= all(logp[i].argmax().item() == x[i].item() for i in subset)
+    return total, greedy
 
 
 def test_bd3lm_exact_bound_equals_brute_force_enumeration(runs):
     lm = Bd3LM(run=runs["bd3lm"], batch_size=4, device="cpu")
     randomize(lm.model, seed=2)
     assert lm.estimator == "exact"
-    got = lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
-    for (row, start), (value, _) in zip(encoded_rows(lm, PAIRS), got):
-        assert value == pytest.approx(brute_force_bound(lm.model, row, start, 4, lm.config.data.mask_id), abs=1e-5)
-    assert got == lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
+    x = torch.tensor([lm.config.data.bos_id, *lm.tok_encode("The sun")] + [lm.config.data.mask_id] * (LENGTH - 3))
+    with torch.no_grad():  # the argmax of the block after the context, all of it masked: a greedy continuation
+        logits = lm.model(x[None, :8], attn_mask=block_causal_mask(8, 4))[0].clone()
+    logits[:, lm.config.data.mask_id] = -math.inf
+    pairs = [*PAIRS, ("The sun", lm.tok_decode(logits[3:4].argmax(-1).tolist()))]
+    got = lm.loglikelihood(requests(pairs), disable_tqdm=True)
+    greedy = []
+    for (row, start), (value, is_greedy) in zip(encoded_rows(lm, pairs), got):
+        bound, brute_greedy = brute_force_bound(lm.model, row, start, 4, lm.config.data.mask_id)
+        assert value == pytest.approx(bound, abs=1e-5) and is_greedy == brute_greedy
+        greedy.append(is_greedy)
+    assert greedy[-1]  # a continuation that is the model's argmax
+    assert got == lm.loglikelihood(requests(pairs), disable_tqdm=True)
     k = Bd3LM(run=runs["bd3lm"], device="cpu", estimator="k", passes=64)
     randomize(k.model, seed=2)
-    estimate = k.loglikelihood(requests(PAIRS), disable_tqdm=True)
-    assert estimate == k.loglikelihood(requests(PAIRS), disable_tqdm=True)  # seeded
+    estimate = k.loglikelihood(requests(pairs), disable_tqdm=True)
+    assert estimate == k.loglikelihood(requests(pairs), disable_tqdm=True)  # seeded
     for (exact, _), (value, _) in zip(got, estimate):
         assert value == pytest.approx(exact, rel=0.05)
 
