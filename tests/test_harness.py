@@ -62,7 +62,7 @@ def tiny_run(path, algo: str, block_size: int = 4):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("harness")
-    return {algo: tiny_run(root / algo, algo) for algo in ("ar", "bd3lm", "sedd")}
+    return {algo: tiny_run(root / algo, algo) for algo in ("ar", "bd3lm", "mdlm", "sedd")}
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +193,16 @@ def test_bd3lm_exact_bound_equals_brute_force_enumeration(runs):
     assert estimate == k.loglikelihood(requests(pairs), disable_tqdm=True)  # seeded
     for (exact, _), (value, _) in zip(got, estimate):
         assert value == pytest.approx(exact, rel=0.05)
+
+
+def test_mdlm_uses_k_with_seeded_passes(runs):
+    lm = Bd3LM(run=runs["mdlm"], device="cpu", passes=4)
+    randomize(lm.model, seed=5)
+    got = lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
+    assert lm.estimator == "k" and lm.passes == 4 and all(math.isfinite(v) and v < 0 for v, _ in got)
+    assert got == lm.loglikelihood(requests(PAIRS), disable_tqdm=True)
+    longer = lm.loglikelihood(requests([("The sun rises in the", " east and sets in the west")]), disable_tqdm=True)
+    assert longer[0][0] < got[0][0]  # more tokens to explain: a lower bound
 
 
 def eval_json(args, capsys) -> dict:
