@@ -126,6 +126,10 @@ def evaluate(
     end-of-text targets excluded): the mean of per-sample perplexities (the paper's number),
     the token-pooled perplexity, unigram entropy, model calls per token, lengths.
 
+    --tasks: tasks of lm-evaluation-harness (multiple choice, perplexity, generation); for
+    BD3-LM and MDLM runs their log-likelihoods are lower bounds (minus the NELBO of the
+    continuation given the context), exact for AR runs.
+
     Examples:
 
     \b
