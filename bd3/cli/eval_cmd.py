@@ -62,6 +62,12 @@ def _check_ci_width(value: float) -> float:
     return value
 
 
+def _check_limit(value: float | None) -> float | None:
+    if value is not None and not (math.isfinite(value) and value > 0):
+        raise typer.BadParameter(f"{value:g} documents: give a positive number (or a fraction below 1).")
+    return value
+
+
 def evaluate(
     run: o.RunArg = None,
     split: Split = "valid",
@@ -102,6 +108,16 @@ def evaluate(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     json_: o.Json = False,
+    tasks: Annotated[
+        Optional[str],
+        typer.Option(help="Downstream tasks of lm-evaluation-harness instead, comma-separated (needs pip install 'bd3[harness]'). "
+                     "Diffusion log-likelihoods are bounds (exact estimator at block sizes <= 8, else k with --passes, default 8).",
+                     show_default=False),
+    ] = None,
+    num_fewshot: Annotated[Optional[int], typer.Option(help="With --tasks: few-shot examples per prompt (default: each task's).", min=0, show_default=False)] = None,
+    limit: Annotated[Optional[float], typer.Option(help="With --tasks: at most N documents per task (below 1: a fraction of them).", callback=_check_limit, show_default=False)] = None,
+    include_path: Annotated[Optional[Path], typer.Option(help="With --tasks: a folder of task YAML files (local data sets run offline).", show_default=False)] = None,
+    output: Annotated[Optional[Path], typer.Option(help="With --tasks: also write lm-eval's results as JSON to this new file.", show_default=False)] = None,
 ) -> None:
     """Validation perplexity: the NELBO bound for diffusion models (t ~ U[1e-3, 1], one
     stratified t per block), the exact NLL for AR runs.
@@ -110,6 +126,10 @@ def evaluate(
     the reference's protocol (the judge's tokenizer, windows of 1024 tokens moving by 512,
     end-of-text targets excluded): the mean of per-sample perplexities (the paper's number),
     the token-pooled perplexity, unigram entropy, model calls per token, lengths.
+
+    --tasks: tasks of lm-evaluation-harness (multiple choice, perplexity, generation); for
+    BD3-LM and MDLM runs their log-likelihoods are lower bounds (minus the NELBO of the
+    continuation given the context), exact for AR runs.
 
     Examples:
 
@@ -121,7 +141,27 @@ def evaluate(
       bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
       bd3 eval runs/owt-bs4 --gen-ppl --judge gpt2-large --num-samples 300
       bd3 eval --samples samples.jsonl --judge runs/owt-ar    # samples of `bd3 sample --format jsonl`
+      bd3 eval runs/owt-bs4 --tasks lambada_openai,piqa --output results.json   # lm-eval tasks (hub)
+      bd3 eval runs/owt-bs4 --tasks my_task --include-path tasks/ --limit 100   # a local task folder
     """
+    if tasks is not None:
+        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--ci-width", ci_width, 0.02),
+                                     ("--max-passes", max_passes, None), ("--zero-shot", zero_shot, None), ("--data", data, None),
+                                     ("--gen-ppl", gen_ppl, False), ("--samples", samples, None), ("--max-batches", max_batches, None),
+                                     ("--block-size", block_size, None), ("--compile", compile_, False), ("--precision", precision, "fp32"),
+                                     ("--attn", attn, "auto"), ("--judge", judge, "gpt2-large"), ("--num-samples", num_samples, 16),
+                                     ("--max-tokens", max_tokens, None), ("--sampler", sampler, None), ("--steps", steps, None),
+                                     ("--threshold", threshold, None), ("--top-p", top_p, None), ("--temperature", temperature, 1.0),
+                                     ("--stop", stop, "none"), ("--kv-cache", kv_cache, True), ("--threads", threads, None)):
+            if value != default:  # generation tasks take their own settings (greedy unless a task samples)
+                raise typer.BadParameter("does not apply to --tasks.", param_hint=name)
+        if passes == "auto":
+            raise typer.BadParameter("--tasks takes a number of passes per request, not auto.", param_hint="--passes")
+        return _harness(run, tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path, output=output,
+                        estimator=estimator, passes=int(passes), batch_size=batch_size, seed=seed, device=device, json_=json_)
+    for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path), ("--output", output)):
+        if value is not None:
+            raise typer.BadParameter("applies to --tasks only.", param_hint=name)
     if gen_ppl or samples is not None:
         if zero_shot:
             raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
@@ -190,6 +230,26 @@ def evaluate(
         json_, result,
     )
     save_eval_record(r.path, "ppl", result)
+
+
+def _harness(run, tasks: str, *, passes: int, json_: bool, **options) -> None:
+    """--tasks: lm-evaluation-harness tasks on the run, a table of their metrics."""
+    names = [n.strip() for n in tasks.split(",") if n.strip()]
+    if not names:
+        raise typer.BadParameter("name at least one task.", param_hint="--tasks")
+    import logging
+
+    from bd3.evaluate.harness import DEFAULT_PASSES, evaluate_tasks, metric_rows  # lm-eval only when asked
+
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
+    result = evaluate_tasks(run, names, passes=DEFAULT_PASSES if passes == 1 else passes, **options)
+    k_passes = f", {result['passes']} passes" if result["estimator"] == "k" else ""
+    how = {"ar": "exact log-likelihoods", "sedd": "generation"}.get(
+        result["algo"], f"log-likelihoods are lower bounds (NELBO, estimator {result['estimator']}{k_passes})")
+    print_table(
+        f"bd3 eval {result['run']}: lm-eval tasks, {how}", metric_rows(result),
+        [("task", "task"), ("metric", "metric"), ("filter", "filter"), ("value", "value"), ("stderr", "stderr")], json_, result,
+    )
 
 
 def _how(result: dict) -> str:
