@@ -50,8 +50,8 @@ AUTO_MAX_PASSES = 32  # --passes auto without --max-passes, on a set of at most 
 AUTO_CAP_TOKENS = 2_000_000
 
 
-def _check_passes(value: str) -> str:
-    if value == "auto" or (value.isdigit() and int(value) >= 1):
+def _check_passes(value: str | None) -> str | None:
+    if value is None or value == "auto" or (value.isdigit() and int(value) >= 1):
         return value
     raise typer.BadParameter(f"{value!r} is neither a positive number of passes nor auto.")
 
@@ -72,14 +72,18 @@ def evaluate(
     run: o.RunArg = None,
     split: Split = "valid",
     block_size: o.BlockSize = None,
-    schedule: Annotated[Optional[str], typer.Option(help="Noise schedule of the NELBO estimate (any gives the same bound in expectation). Default: linear.", show_default=False)] = None,
+    schedule: Annotated[Optional[str], typer.Option(help="With --estimator t: the noise schedule t is drawn under (any gives the same bound in expectation). Default: linear.", show_default=False)] = None,
     estimator: Annotated[
         Optional[str],
         typer.Option(help="NELBO estimator: exact (every mask pattern of a block; block size <= 8), k (the number of masked tokens "
                      "stratified per block; the default) or t (the reference's t ~ U[1e-3, 1]). AR runs are exact, SEDD runs use t.",
                      show_default=False),
     ] = None,
-    passes: Annotated[str, typer.Option(help="Monte-Carlo passes over the split, or auto: add passes until the 95 % interval is --ci-width wide.", callback=_check_passes)] = "1",
+    passes: Annotated[
+        Optional[str],
+        typer.Option(help="Monte-Carlo passes over the split (default 1), or auto: add passes until the 95 % interval is --ci-width wide. "
+                     "With --tasks: passes of the k estimator per request (default 8).", callback=_check_passes, show_default=False),
+    ] = None,
     ci_width: Annotated[float, typer.Option(help="With --passes auto: the widest 95 % interval of the NELBO accepted, in nats per token.", callback=_check_ci_width)] = 0.02,
     max_passes: Annotated[Optional[int], typer.Option(help=f"With --passes auto: stop after N passes (default {AUTO_MAX_PASSES}; needed above {AUTO_CAP_TOKENS:,} tokens per pass).", min=1, show_default=False)] = None,
     zero_shot: Annotated[
@@ -158,14 +162,14 @@ def evaluate(
         if passes == "auto":
             raise typer.BadParameter("--tasks takes a number of passes per request, not auto.", param_hint="--passes")
         return _harness(run, tasks, num_fewshot=num_fewshot, limit=limit, include_path=include_path, output=output,
-                        estimator=estimator, passes=int(passes), batch_size=batch_size, seed=seed, device=device, json_=json_)
+                        estimator=estimator, passes=int(passes) if passes else None, batch_size=batch_size, seed=seed, device=device, json_=json_)
     for name, value in (("--num-fewshot", num_fewshot), ("--limit", limit), ("--include-path", include_path), ("--output", output)):
         if value is not None:
             raise typer.BadParameter("applies to --tasks only.", param_hint=name)
     if gen_ppl or samples is not None:
         if zero_shot:
             raise typer.BadParameter("--gen-ppl and --zero-shot are different evaluations; run them one at a time.", param_hint="--zero-shot")
-        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--passes", passes, "1"),
+        for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--passes", passes, None),
                                      ("--estimator", estimator, None), ("--max-passes", max_passes, None), ("--data", data, None),
                                      ("--max-batches", max_batches, None), ("--compile", compile_, False)):
             if value != default:
@@ -194,6 +198,10 @@ def evaluate(
         estimator = resolve_estimator(d.algo, d.block_size, estimator)
     except Bd3Error as e:
         raise typer.BadParameter(str(e), param_hint="--estimator") from None
+    passes = passes or "1"
+    if schedule is not None and estimator != "t":
+        raise typer.BadParameter(f"the {estimator} estimator does not depend on the noise schedule; --schedule applies to --estimator t.",
+                                 param_hint="--schedule")
     if estimator == "exact" and passes != "1" and d.algo != "ar":
         raise typer.BadParameter("--estimator exact is deterministic: one pass gives the exact value.", param_hint="--passes")
     dev = resolve_device(device)
@@ -232,7 +240,7 @@ def evaluate(
     save_eval_record(r.path, "ppl", result)
 
 
-def _harness(run, tasks: str, *, passes: int, json_: bool, **options) -> None:
+def _harness(run, tasks: str, *, passes: int | None, json_: bool, **options) -> None:
     """--tasks: lm-evaluation-harness tasks on the run, a table of their metrics."""
     names = [n.strip() for n in tasks.split(",") if n.strip()]
     if not names:
@@ -242,7 +250,7 @@ def _harness(run, tasks: str, *, passes: int, json_: bool, **options) -> None:
     from bd3.evaluate.harness import DEFAULT_PASSES, evaluate_tasks, metric_rows  # lm-eval only when asked
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
-    result = evaluate_tasks(run, names, passes=DEFAULT_PASSES if passes == 1 else passes, **options)
+    result = evaluate_tasks(run, names, passes=passes or DEFAULT_PASSES, **options)
     k_passes = f", {result['passes']} passes" if result["estimator"] == "k" else ""
     how = {"ar": "exact log-likelihoods", "sedd": "generation"}.get(
         result["algo"], f"log-likelihoods are lower bounds (NELBO, estimator {result['estimator']}{k_passes})")
