@@ -4,12 +4,15 @@ the model."""
 from __future__ import annotations
 
 import contextlib
+import math
+import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from bd3.config import PRECISIONS
+from bd3.choices import MODEL_PRECISIONS
 from bd3.errors import Bd3Error
 
 
@@ -35,9 +38,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-MODEL_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what `auto` resolves to: fp32, bf16 (autocast)
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
@@ -67,3 +67,60 @@ def configure_model(model, attn: str = "sdpa", compile: bool = False):
         for block in model.blocks:
             block.compile()
     return model
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
+
+
+def _cgroup_quota() -> float | None:
+    """Cores allowed by the cgroup (v2 cpu.max, else v1 cfs quota / period); None when unlimited."""
+    try:
+        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if text and text[0] != "max":
+            return int(text[0]) / int(text[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
+        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when it is a positive integer, else the cores available to this process."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
+
+
+def use_threads(threads: int | None, warn_if_loaded: bool = True) -> int:
+    """Set torch's CPU threads to ``threads`` (--threads), else :func:`default_threads`; return
+    the count. Without --threads, when the machine's 1-minute load average already exceeds
+    its cores, say once on stderr that more than one thread will be slow and how to set them."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    if threads is None and warn_if_loaded and n > 1 and os.environ.get("RANK", "0") == "0":
+        load, cores = _load_average(), available_cores()
+        if load > cores:
+            print(
+                f"Note: the load average ({load:.1f}) already exceeds the {cores} cores available, so {n} threads will wait on "
+                "each other and run slowly; --threads 1 (or the number of idle cores) is usually much faster.",
+                file=sys.stderr,
+            )
+    return n
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0

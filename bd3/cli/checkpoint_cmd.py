@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err, open_run
-from bd3.runs.hf import export_checkpoint, import_checkpoint
 
 
 def import_command(
@@ -30,6 +28,9 @@ def import_command(
       bd3 import kuleshov-group/bd3lm-owt-block_size4 runs/owt-bs4
       bd3 import ./bd3lm-owt-block_size16 runs/owt-bs16 --data owt
     """
+    from bd3.cli.common import err
+    from bd3.runs.hf import import_checkpoint
+
     run = import_checkpoint(src, out, tokenizer=tokenizer, data=data, force=force)
     c = run.config
     err.print(
@@ -50,5 +51,8 @@ def export_command(
     \b
       bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4
     """
+    from bd3.cli.common import err, open_run
+    from bd3.runs.hf import export_checkpoint
+
     path = export_checkpoint(open_run(run), out, force=force)
     err.print(f"Wrote {path / 'config.json'} and {path / 'model.safetensors'}")

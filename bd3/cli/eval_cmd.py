@@ -1,27 +1,21 @@
-"""`bd3 eval` and `bd3 variance`: options -> one evaluation call -> a table or JSON."""
+"""`bd3 eval` and `bd3 variance`: options -> one evaluation call -> a table or JSON.
+
+torch, numpy and the data libraries are imported in the command bodies, after parsing.
+"""
 
 from __future__ import annotations
 
+import glob
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
-import numpy as np
 import typer
 
+from bd3.choices import ZERO_SHOT_SETS
 from bd3.cli import options as o
-from bd3.cli.common import err, load_model, open_run, print_table, run_shards, run_tokenizer
 from bd3.config import FULL_CLIP, VARIANCES, RunConfig
-from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
-from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples
-from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import nelbo_variance
-from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
-from bd3.model.backends import resolve_attn
-from bd3.runtime import configure_model, resolve_device, resolve_precision
-from bd3.sampling.generate import generate
-from bd3.sampling.text import sample_documents
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
@@ -48,9 +42,12 @@ def evaluate(
     passes: Annotated[int, typer.Option(help="Monte-Carlo passes over the split (mean and spread reported).", min=1)] = 1,
     zero_shot: Annotated[
         Optional[list[str]],
-        typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)} (comma-separated or repeated).", show_default=False),
+        typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)}, "
+                     "or a local text/jsonl/parquet file, folder or glob (comma-separated or repeated). Local text keeps a newline "
+                     "between paragraphs; the paper's sets keep their detokenizers.", show_default=False),
     ] = None,
-    data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet). "
+                                                "Alone: a local file to evaluate, as --zero-shot FILE.", show_default=False)] = None,
     gen_ppl: Annotated[bool, typer.Option("--gen-ppl", help="Generative perplexity instead: samples of the run (generated with the sampling options below, or read from --samples) scored by --judge.")] = False,
     judge: Annotated[str, typer.Option(help="With --gen-ppl: the model that scores the samples: a bd3 run trained with --algo ar, or a HuggingFace causal LM (needs pip install 'bd3[transformers]').")] = "gpt2-large",
     samples: Annotated[Optional[Path], typer.Option(help="Score these samples (the JSONL of `bd3 sample --format jsonl`) instead of generating them; implies --gen-ppl.", show_default=False)] = None,
@@ -76,6 +73,10 @@ def evaluate(
     """Validation perplexity: the NELBO bound for diffusion models (t ~ U[1e-3, 1], one
     stratified t per block), the exact NLL for AR runs.
 
+    --zero-shot: perplexity on other text, with the share of its tokens that the run's
+    training data never contained ('unseen'): a model cannot have learnt those, and a high
+    share dominates the number.
+
     --gen-ppl: the generative perplexity of the run's samples under a judge model, with
     the reference's protocol (the judge's tokenizer, windows of 1024 tokens moving by 512,
     end-of-text targets excluded): the mean of per-sample perplexities (the paper's number),
@@ -89,6 +90,7 @@ def evaluate(
       bd3 eval runs/owt-bs4 --block-size 16     # evaluate at another block size
       bd3 eval runs/owt-bs4 --zero-shot ptb,wikitext2,devil
       bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
+      bd3 eval runs/owt-bs4 --zero-shot notes.txt          # a local file: paragraphs joined by newlines
       bd3 eval runs/owt-bs4 --gen-ppl --judge gpt2-large --num-samples 300
       bd3 eval --samples samples.jsonl --judge runs/owt-ar    # samples of `bd3 sample --format jsonl`
     """
@@ -102,37 +104,47 @@ def evaluate(
         o.check_stop(stop)
         o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
         sampling = {"sampler": sampler, "steps": steps, "threshold": threshold, "top_p": top_p, "temperature": temperature, "stop": stop}
+        from bd3.runtime import use_threads
+
+        use_threads(threads, warn_if_loaded=False)  # the sampler adapts to a loaded machine itself
         _generative_perplexity(
             run, judge, samples, sampling, block_size=block_size, num_samples=num_samples, batch_size=batch_size,
             max_tokens=max_tokens, kv_cache=kv_cache, seed=seed, threads=threads, device=device, precision=precision, attn=attn,
             json_=json_,
         )
         return
-    r = open_run(run)
-    cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     if split not in ("valid", "train"):
         raise typer.BadParameter(f"{split!r} is not one of valid, train.", param_hint="--split")
-    names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
-    for name in names:
-        if name not in ZERO_SHOT_SETS:
-            raise typer.BadParameter(f"{name!r} is not one of {', '.join(ZERO_SHOT_SETS)}.", param_hint="--zero-shot")
-    if data is not None and len(names) != 1:
-        raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one.", param_hint="--data")
+    names = _zero_shot_names(zero_shot, data)
+    from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
+    from bd3.evaluate.perplexity import nelbo_perplexity
+    from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
+    from bd3.model.backends import resolve_attn
+    from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
+
+    r = open_run(run)
+    cfg = _evaluated_as(r.config, block_size, schedule or "linear")
+    use_threads(threads)
+    if names:
+        run_tokenizer(r)
+        sets = [(name, zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)) for name in names]  # bad files fail first
+        train_counts = run_shards(r).unigram_counts("train")
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
     if names:
-        run_tokenizer(r)
         results = []
-        for name in names:
-            rows = zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)
+        for name, rows in sets:
             res = nelbo_perplexity(
                 model, rows, cfg.diffusion, cfg.data.mask_id, batch_size=batch_size, max_batches=max_batches,
                 passes=passes, seed=seed, device=dev, precision=resolve_precision(precision, dev),
             )
-            results.append({**res, "set": name, "ppl_label": f"{'<= ' if res['bound'] else ''}{res['ppl']:.3f}"})
+            evaluated = rows[: max_batches * batch_size] if max_batches else rows
+            results.append({**res, "set": name, "unseen_share": unseen_share(train_counts, evaluated),
+                            "ppl_label": f"{'<= ' if res['bound'] else ''}{res['ppl']:.3f}"})
         print_table(
             f"bd3 eval {r.path}: zero-shot", results,
-            [("set", "set"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", "perplexity")],
+            [("set", "set"), ("tokens", "tokens"), ("unseen_share", "unseen in training"), ("nelbo", "NELBO / token"),
+             ("ppl_label", "perplexity")],
             json_, {"run": str(r.path), "algo": cfg.diffusion.algo, "block_size": cfg.diffusion.block_size, "zero_shot": results},
         )
         return
@@ -150,6 +162,22 @@ def evaluate(
         [("split", "split"), ("block_size", "block size"), ("tokens", "tokens"), ("nelbo", "NELBO / token"), ("ppl_label", label)],
         json_, result,
     )
+
+
+def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> list[str]:
+    """The sets and local files to evaluate (--data alone is one local file); usage errors exit 2."""
+    names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
+    if data is not None and not names:
+        names, data = [data], None
+    elif data is not None and (len(names) != 1 or names[0] not in ZERO_SHOT_SETS):
+        raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one set, or give the file alone.", param_hint="--data")
+    for name in names:
+        if name not in ZERO_SHOT_SETS and not (Path(name).expanduser().exists() or glob.has_magic(name)):
+            raise typer.BadParameter(
+                f"{name!r} is neither a zero-shot set ({', '.join(ZERO_SHOT_SETS)}) nor an existing file or folder.",
+                param_hint="--data" if zero_shot is None else "--zero-shot",
+            )
+    return names
 
 
 def variance(
@@ -171,6 +199,7 @@ def variance(
     precision: o.Precision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
+    threads: o.Threads = None,
     json_: o.Json = False,
 ) -> None:
     """NELBO and its variance when mask rates are clipped to [beta, omega]: the paper's
@@ -193,8 +222,14 @@ def variance(
     intervals = [_parse_interval(c) for c in clip] if clip else None
     if plot is not None:
         _pyplot()  # fail before the work if matplotlib is missing
+    from bd3.cli.common import err, load_model, open_run, print_table, run_shards
+    from bd3.evaluate.variance import nelbo_variance
+    from bd3.model.backends import resolve_attn
+    from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
+
     r = open_run(run)
     cfg = _evaluated_as(r.config, block_size)
+    use_threads(threads)
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
     rows = run_shards(r).rows("valid")
@@ -231,6 +266,13 @@ GEN_PPL_ROWS = (
 def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, num_samples, batch_size,
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
+    from bd3.cli.common import load_model, open_run, print_table, run_tokenizer
+    from bd3.evaluate.gen_ppl import GenSample, generative_perplexity, read_samples
+    from bd3.model.backends import resolve_attn
+    from bd3.runtime import configure_model, resolve_device, resolve_precision
+    from bd3.sampling.generate import generate
+    from bd3.sampling.text import sample_documents
+
     dev = resolve_device(device)
     if samples is not None:
         items = read_samples(samples, lambda: run_tokenizer(open_run(run)))
@@ -258,6 +300,9 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
 
 def _judge(spec: str, device, precision: str):
     """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
+    from bd3.cli.common import load_model, open_run, run_tokenizer
+    from bd3.evaluate.gen_ppl import RunJudge, load_hf_judge
+
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         jr = open_run(path)
@@ -271,6 +316,8 @@ def _judge(spec: str, device, precision: str):
 
 
 def _check_schedule(spec: str) -> str:
+    from bd3.diffusion.schedules import canonical  # the spec's vocabulary lives with its maths (imports torch)
+
     try:
         return canonical(spec)
     except Bd3Error as e:
@@ -290,6 +337,8 @@ def _pyplot():
 
 def _plot(results: list[dict], kind: str, path: Path) -> None:
     """One panel per schedule: each interval a square at (beta, omega), coloured by log variance."""
+    import numpy as np
+
     plt = _pyplot()
     schedules = list(dict.fromkeys(r["schedule"] for r in results))
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.5 * len(schedules), 4), squeeze=False)

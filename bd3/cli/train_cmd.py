@@ -1,4 +1,7 @@
-"""`bd3 pretrain` and `bd3 finetune`: options -> RunConfig -> bd3.train.train."""
+"""`bd3 pretrain` and `bd3 finetune`: options -> RunConfig -> bd3.train.train.
+
+torch and the data libraries are imported in the command bodies, after parsing.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,14 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err, open_run, run_shards, shards_for
 from bd3.config import ALGOS, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
 from bd3.errors import Bd3Error
-from bd3.model.backends import resolve_attn
-from bd3.runs import new_run_name
-from bd3.runtime import resolve_device
-from bd3.train import train
 
 Steps = Annotated[
     Optional[int],
     typer.Option(help="Optimiser steps (pretrain default 800, finetune 300); with --resume, the new total.", min=1, show_default=False),
 ]
-Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0)]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0, callback=o.finite)]
 Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)]
 FINETUNE_STEPS = 300
 Out = Annotated[Optional[Path], typer.Option(help="Run directory to create. Default: runs/<readable-unique-name>.", show_default=False)]
@@ -89,12 +87,14 @@ def pretrain(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
+    threads: o.Threads = None,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 200,
     eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
     resume: Resume = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Train a BD3-LM from scratch (with no options: a small model on the built-in corpus).
 
@@ -110,13 +110,20 @@ def pretrain(
       torchrun --nproc-per-node 8 -m bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 \\
           --batch-size 64 --global-batch-size 512 --out runs/owt    # DDP on 8 GPUs (add --fsdp to shard)
     """
-    if resume:
-        return _resume(out, steps, attn, compile_, fsdp)
-    resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if algo not in ALGOS:
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
         raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
+    if resume:
+        return _resume(ctx, out, steps, attn, compile_, fsdp, threads)
+    from bd3.cli.common import err, shards_for
+    from bd3.model.backends import resolve_attn
+    from bd3.runs import new_run_name
+    from bd3.runtime import resolve_device, use_threads
+    from bd3.train import train
+
+    use_threads(threads)
+    resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if Path(data).exists():  # a local file or folder: recorded absolute, so the run works from anywhere
         data = str(Path(data).resolve())
     with _option_errors():
@@ -160,12 +167,14 @@ def finetune(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
+    threads: o.Threads = None,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 100,
     eval_batches: EvalBatches = 16,
     keep_last: KeepLast = 0,
     skip_nonfinite: SkipNonfinite = 0,
     resume: Resume = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Continue training a run's (EMA) weights at a new block size and clip interval,
     into a new run that records its parent.
@@ -180,7 +189,14 @@ def finetune(
       bd3 finetune --resume --out runs/owt-bs16
     """
     if resume:
-        return _resume(out, steps, attn, compile_, fsdp)
+        return _resume(ctx, out, steps, attn, compile_, fsdp, threads)
+    from bd3.cli.common import err, open_run, run_shards
+    from bd3.model.backends import resolve_attn
+    from bd3.runs import new_run_name
+    from bd3.runtime import resolve_device, use_threads
+    from bd3.train import train
+
+    use_threads(threads)
     resolve_attn(attn, resolve_device(device))
     parent = open_run(run)
     pcfg = parent.config
@@ -212,14 +228,67 @@ def finetune(
     )
 
 
-def _resume(out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool = False) -> None:
+# Options that may differ from the resumed run's config: the new total of steps, and choices
+# that change how the run executes, not what it computes.
+RESUMABLE = ("steps", "out", "resume", "device", "attn", "compile_", "fsdp", "threads", "log_every", "save_every", "keep_last")
+
+
+def _resume(ctx: typer.Context, out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool, threads: int | None) -> None:
     """Continue a run from its newest complete checkpoint, with its own config and data."""
+    from bd3.cli.common import err, open_run, run_shards
+    from bd3.runtime import use_threads
+    from bd3.train import train
+
     run = open_run(out)
     cfg = run.config
-    if steps is not None:
-        with _option_errors():
-            cfg = replace(cfg, train=replace(cfg.train, steps=steps))
+    conflicts = [name for name in _given(ctx) if name not in RESUMABLE and not _agrees(cfg, name, ctx.params[name])]
+    if conflicts:
+        names = ", ".join("--" + name.rstrip("_").replace("_", "-") for name in conflicts)
+        raise typer.BadParameter(
+            f"{names} {'conflicts' if len(conflicts) == 1 else 'conflict'} with the config of {run.path}, which --resume "
+            "continues unchanged; drop them (only --steps and run-time options such as --device, --threads, --log-every, "
+            "--save-every may change).",
+            param_hint="--resume",
+        )
+    p = ctx.params
+    with _option_errors():
+        cfg = replace(cfg, train=replace(
+            cfg.train, steps=steps or cfg.train.steps, device=p["device"], log_every=p["log_every"],
+            save_every=p["save_every"], keep_last=p["keep_last"],
+        ))
+    use_threads(threads)
     train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp)
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The options given on the command line (or through the environment), not defaulted."""
+    return [name for name in ctx.params if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+
+
+def _agrees(cfg: RunConfig, name: str, value) -> bool:
+    """Whether option ``name`` given as ``value`` says what the run's config already holds."""
+    from bd3.diffusion.schedules import canonical
+
+    d, t = cfg.diffusion, cfg.train
+    if name == "schedule":
+        try:
+            return canonical(value) == d.schedule
+        except Bd3Error:
+            return False
+    if name == "clip":
+        return tuple(value) == tuple(d.clip)
+    if name == "data":
+        return (str(Path(value).resolve()) if Path(value).exists() else value) == cfg.data.data
+    if name == "run":
+        return t.parent is not None and Path(value).resolve() == Path(t.parent).resolve()
+    if name == "model":
+        return value in MODEL_PRESETS and model_config(value, cfg.model.length, causal=cfg.model.causal) == cfg.model
+    if name in ("algo", "block_size", "resample", "clip_search", "fix_clip", "variance", "weighting"):
+        return value == getattr(d, name)
+    if name in ("batch_size", "global_batch_size", "lr", "warmup_steps", "seed", "precision", "eval_batches", "skip_nonfinite"):
+        return value == getattr(t, name)
+    known = {"length": cfg.model.length, "tokenizer": cfg.data.tokenizer}
+    return name in known and value == known[name]
 
 
 @contextmanager
