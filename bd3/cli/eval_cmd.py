@@ -174,7 +174,7 @@ def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> list[str]
     for name in names:
         if name not in ZERO_SHOT_SETS and not (Path(name).expanduser().exists() or glob.has_magic(name)):
             raise typer.BadParameter(
-                f"{name!r} is neither a zero-shot set ({', '.join(ZERO_SHOT_SETS)}) nor an existing file or folder.",
+                f"no such file or folder: {name!r}; give a local text, jsonl or parquet file, or a zero-shot set ({', '.join(ZERO_SHOT_SETS)}).",
                 param_hint="--data" if zero_shot is None else "--zero-shot",
             )
     return names

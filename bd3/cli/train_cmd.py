@@ -115,7 +115,7 @@ def pretrain(
     if model not in MODEL_PRESETS:
         raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
     if resume:
-        return _resume(ctx, out, steps, attn, compile_, fsdp, threads)
+        return _resume(ctx)
     from bd3.cli.common import err, shards_for
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
@@ -189,7 +189,7 @@ def finetune(
       bd3 finetune --resume --out runs/owt-bs16
     """
     if resume:
-        return _resume(ctx, out, steps, attn, compile_, fsdp, threads)
+        return _resume(ctx)
     from bd3.cli.common import err, open_run, run_shards
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
@@ -233,31 +233,30 @@ def finetune(
 RESUMABLE = ("steps", "out", "resume", "device", "attn", "compile_", "fsdp", "threads", "log_every", "save_every", "keep_last")
 
 
-def _resume(ctx: typer.Context, out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool, threads: int | None) -> None:
-    """Continue a run from its newest complete checkpoint, with its own config and data."""
+def _resume(ctx: typer.Context) -> None:
+    """Continue the run named by --out from its newest complete checkpoint, with its own
+    config and data; only the options in RESUMABLE may differ from that config."""
     from bd3.cli.common import err, open_run, run_shards
     from bd3.runtime import use_threads
     from bd3.train import train
 
-    run = open_run(out)
+    p = ctx.params
+    run = open_run(p["out"])
     cfg = run.config
-    conflicts = [name for name in _given(ctx) if name not in RESUMABLE and not _agrees(cfg, name, ctx.params[name])]
+    conflicts = [name for name in _given(ctx) if name not in RESUMABLE and not _agrees(cfg, name, p[name])]
     if conflicts:
-        names = ", ".join("--" + name.rstrip("_").replace("_", "-") for name in conflicts)
+        names = ", ".join("RUN" if name == "run" else "--" + name.rstrip("_").replace("_", "-") for name in conflicts)
         raise typer.BadParameter(
             f"{names} {'conflicts' if len(conflicts) == 1 else 'conflict'} with the config of {run.path}, which --resume "
-            "continues unchanged; drop them (only --steps and run-time options such as --device, --threads, --log-every, "
-            "--save-every may change).",
+            f"continues unchanged; drop {'it' if len(conflicts) == 1 else 'them'} (only --steps and run-time options such as "
+            "--device, --threads, --log-every, --save-every may change).",
             param_hint="--resume",
         )
-    p = ctx.params
+    changes = {name: p[name] for name in _given(ctx) if name in ("steps", "device", "log_every", "save_every", "keep_last")}
     with _option_errors():
-        cfg = replace(cfg, train=replace(
-            cfg.train, steps=steps or cfg.train.steps, device=p["device"], log_every=p["log_every"],
-            save_every=p["save_every"], keep_last=p["keep_last"],
-        ))
-    use_threads(threads)
-    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp)
+        cfg = replace(cfg, train=replace(cfg.train, **changes))
+    use_threads(p["threads"])
+    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=p["attn"], compile=p["compile_"], fsdp=p["fsdp"])
 
 
 def _given(ctx: typer.Context) -> list[str]:
@@ -287,6 +286,8 @@ def _agrees(cfg: RunConfig, name: str, value) -> bool:
         return value == getattr(d, name)
     if name in ("batch_size", "global_batch_size", "lr", "warmup_steps", "seed", "precision", "eval_batches", "skip_nonfinite"):
         return value == getattr(t, name)
+    if name == "vocab_size":  # it sizes a trained BPE only
+        return cfg.data.tokenizer != "bpe" or value == cfg.data.vocab_size
     known = {"length": cfg.model.length, "tokenizer": cfg.data.tokenizer}
     return name in known and value == known[name]
 

@@ -449,6 +449,13 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
                 model, valid, cfg.diffusion, cfg.data.mask_id, batch_size=tcfg.batch_size,
                 max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
             )
+            if not np.isfinite(result["nelbo"]):
+                good = [c for c in run.checkpoints() if c != path]
+                kept = f"the last good checkpoint is {good[-1]}" if good else "no earlier checkpoint was written"
+                raise Bd3Error(
+                    f"The validation NELBO at step {trainer.step} is not finite ({result['nelbo']}): the weights in {path} diverged; "
+                    f"{kept}. Lower --lr, or use --precision fp32."
+                )
             if cfg.diffusion.clip_search:
                 _clip_search(trainer, run, model, valid)
         run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_ppl": result["ppl"]})
