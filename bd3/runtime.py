@@ -79,18 +79,15 @@ def available_cores() -> int:
     return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
 
 
-def _cgroup_quota() -> float | None:
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """Cores allowed by the cgroup (v2 cpu.max, else v1 cfs quota / period); None when unlimited."""
     try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if text and text[0] != "max":
-            return int(text[0]) / int(text[1])
-        return None
-    except (OSError, ValueError, IndexError):
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
         pass
     try:
-        quota = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-        period = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
+        quota, period = (int((root / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
     except (OSError, ValueError):
         return None
     return quota / period if quota > 0 and period > 0 else None
@@ -109,11 +106,11 @@ def use_threads(threads: int | None, warn_if_loaded: bool = True) -> int:
     n = threads or default_threads()
     torch.set_num_threads(n)
     if threads is None and warn_if_loaded and n > 1 and os.environ.get("RANK", "0") == "0":
-        load, cores = _load_average(), available_cores()
+        load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:
             print(
-                f"Note: the load average ({load:.1f}) already exceeds the {cores} cores available, so {n} threads will wait on "
-                "each other and run slowly; --threads 1 (or the number of idle cores) is usually much faster.",
+                f"Note: the load average ({load:.1f}) already exceeds this machine's {cores} cores, so {n} threads will wait on "
+                "each other and this will be slow; --threads 1 (or the number of idle cores) is usually much faster.",
                 file=sys.stderr,
             )
     return n

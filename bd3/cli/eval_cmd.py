@@ -115,7 +115,7 @@ def evaluate(
         return
     if split not in ("valid", "train"):
         raise typer.BadParameter(f"{split!r} is not one of valid, train.", param_hint="--split")
-    names = _zero_shot_names(zero_shot, data)
+    names, data = _zero_shot_names(zero_shot, data)
     from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
     from bd3.evaluate.perplexity import nelbo_perplexity
     from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
@@ -164,8 +164,9 @@ def evaluate(
     )
 
 
-def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> list[str]:
-    """The sets and local files to evaluate (--data alone is one local file); usage errors exit 2."""
+def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> tuple[list[str], str | None]:
+    """The sets and local files to evaluate, and the local copy of the one set (--data alone
+    is one local file to evaluate); usage errors exit 2."""
     names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
     if data is not None and not names:
         names, data = [data], None
@@ -177,7 +178,7 @@ def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> list[str]
                 f"no such file or folder: {name!r}; give a local text, jsonl or parquet file, or a zero-shot set ({', '.join(ZERO_SHOT_SETS)}).",
                 param_hint="--data" if zero_shot is None else "--zero-shot",
             )
-    return names
+    return names, data
 
 
 def variance(
