@@ -123,6 +123,8 @@ Threshold = Annotated[
     ),
 ]
 NumSamples = Annotated[int, typer.Option(help="Number of samples.", min=1)]
+
+
 def _check_top_p(value: float | None) -> float | None:
     if value is not None and not 0.0 < value <= 1.0:  # nan fails too
         raise typer.BadParameter(f"{value} is outside (0, 1]; the nucleus keeps the most likely tokens up to this mass (1 disables it).")
