@@ -116,6 +116,8 @@ def evaluate(
     if split not in ("valid", "train"):
         raise typer.BadParameter(f"{split!r} is not one of valid, train.", param_hint="--split")
     names, data = _zero_shot_names(zero_shot, data)
+    if names and split != "valid":
+        raise typer.BadParameter("applies to the run's own data; --zero-shot evaluates other text whole.", param_hint="--split")
     from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
     from bd3.evaluate.perplexity import nelbo_perplexity
     from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows

@@ -114,6 +114,7 @@ def pretrain(
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
         raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
+    _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
     from bd3.cli.common import err, shards_for
@@ -188,6 +189,7 @@ def finetune(
       bd3 finetune --block-size 16 --schedule cosine --weighting sigmoid:k=0
       bd3 finetune --resume --out runs/owt-bs16
     """
+    _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
     from bd3.cli.common import err, open_run, run_shards
@@ -257,6 +259,13 @@ def _resume(ctx: typer.Context) -> None:
         cfg = replace(cfg, train=replace(cfg.train, **changes))
     use_threads(p["threads"])
     train(cfg, run_shards(run), run.path, resume=True, console=err, attn=p["attn"], compile=p["compile_"], fsdp=p["fsdp"])
+
+
+def _check_clip_search(ctx: typer.Context, clip_search: bool) -> None:
+    """--fix-clip and --variance steer the clip search; without --clip-search they would do nothing."""
+    for name in ("fix_clip", "variance"):
+        if not clip_search and name in _given(ctx):
+            raise typer.BadParameter("applies to --clip-search; add --clip-search or drop it.", param_hint="--" + name.replace("_", "-"))
 
 
 def _given(ctx: typer.Context) -> list[str]:
