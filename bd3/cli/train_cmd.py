@@ -31,7 +31,8 @@ Resume = Annotated[
     bool,
     typer.Option(
         "--resume", help="Continue the run named by --out (default: the newest under ./runs) from its newest checkpoint, "
-        "with exactly the losses of an uninterrupted run; its config.json is used."
+        "with exactly the losses of an uninterrupted run; its config.json is used: --steps and run-time options (--device, "
+        "--threads, --log-every, --save-every, --keep-last) may change, other options must agree with it."
     ),
 ]
 Schedule = Annotated[
