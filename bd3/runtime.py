@@ -4,13 +4,15 @@ the model."""
 from __future__ import annotations
 
 import contextlib
+import math
 import os
+import sys
 from functools import lru_cache
 from pathlib import Path
 
 import torch
 
-from bd3.config import PRECISIONS
+from bd3.choices import MODEL_PRECISIONS
 from bd3.errors import Bd3Error
 
 
@@ -53,9 +55,6 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-MODEL_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what `auto` resolves to: fp32, bf16 (autocast)
-
-
 def resolve_precision(precision: str, device: torch.device) -> str:
     """``auto`` -> ``bf16`` on CUDA and on CPUs with native bf16, else ``fp32``."""
     if precision == "auto":
@@ -83,3 +82,57 @@ def configure_model(model, attn: str = "sdpa", compile: bool = False):
         for block in model.blocks:
             block.compile()
     return model
+
+
+def available_cores() -> int:
+    """CPU cores this process may use: its affinity mask, capped by a cgroup CPU quota."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    quota = _cgroup_quota()
+    return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
+
+
+def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """Cores allowed by the cgroup (v2 cpu.max, else v1 cfs quota / period); None when unlimited."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota, period = (int((root / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def default_threads() -> int:
+    """$OMP_NUM_THREADS when it is a positive integer, else the cores available to this process."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else available_cores()
+
+
+def use_threads(threads: int | None, warn_if_loaded: bool = True) -> int:
+    """Set torch's CPU threads to ``threads`` (--threads), else :func:`default_threads`; return
+    the count. Without --threads, when the machine's 1-minute load average already exceeds
+    its cores, say once on stderr that more than one thread will be slow and how to set them."""
+    n = threads or default_threads()
+    torch.set_num_threads(n)
+    if threads is None and warn_if_loaded and n > 1 and os.environ.get("RANK", "0") == "0":
+        load, cores = _load_average(), os.cpu_count() or 1
+        if load > cores:
+            print(
+                f"Note: the load average ({load:.1f}) already exceeds this machine's {cores} cores, so {n} threads will wait on "
+                "each other and this will be slow; --threads 1 (or the number of idle cores) is usually much faster.",
+                file=sys.stderr,
+            )
+    return n
+
+
+def _load_average() -> float:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return 0.0

@@ -113,6 +113,33 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(workdir, capsys, mon
     assert [e["step"] for e in events] == [3]
 
 
+def test_nonfinite_validation_stops_naming_the_step_and_the_last_good_checkpoint(workdir, capsys, monkeypatch):
+    import bd3.train.loop as loop
+
+    real = loop.nelbo_perplexity
+    calls = [0]
+
+    def diverges_at_the_second(*a, **k):
+        calls[0] += 1
+        result = real(*a, **k)
+        return {**result, "nelbo": float("nan"), "ppl": float("nan")} if calls[0] == 2 else result
+
+    monkeypatch.setattr(loop, "nelbo_perplexity", diverges_at_the_second)
+    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--eval-batches", "1", "--out", "div"]) == 1
+    err = capsys.readouterr().err
+    assert "step 4" in err and "last good checkpoint" in err and "step-00000002" in err and "--lr" in err
+    assert err.strip().splitlines()[-1].startswith("Error: The validation NELBO at step 4") and "Traceback" not in err
+    best = json.loads((workdir / "div" / "best.json").read_text())
+    assert best["checkpoint"].endswith("step-00000002")  # the diverged checkpoint is never the best
+
+
+def test_resume_accepts_the_run_time_options_it_applies(workdir, capsys):
+    assert main(["pretrain", *TRAIN, "--steps", "2", "--block-size", "8", "--out", "r"]) == 0
+    assert main(["pretrain", *TRAIN, "--block-size", "8", "--steps", "3", "--log-every", "3", "--threads", "1", "--resume", "--out", "r"]) == 0
+    cfg = json.loads((workdir / "r" / "config.json").read_text())
+    assert cfg["train"]["steps"] == 3 and cfg["train"]["log_every"] == 3
+
+
 def test_keep_last_prunes_but_keeps_the_best(workdir):
     assert main(["pretrain", *TRAIN, "--steps", "6", "--save-every", "1", "--keep-last", "2", "--out", "k"]) == 0
     run = Run.open(workdir / "k")
@@ -238,6 +265,19 @@ BAD_ARGS = [
     (["pretrain", "--out", "file.txt", "--steps", "1", "--length", "32", "--force"], 1, "file.txt"),
     (["pretrain", "--resume", "--out", "nowhere"], 1, "nowhere"),
     (["pretrain", "--resume", "--out", "{run}"], 1, "--steps"),
+    (["pretrain", "--resume", "--out", "{run}", "--lr", "5", "--block-size", "16"], 2, "--lr, --block-size conflict"),
+    (["pretrain", "--resume", "--out", "{run}", "--schedule", "cosine", "--steps", "9"], 2, "--schedule conflicts"),
+    (["pretrain", "--resume", "--out", "{run}", "--block-size", "8", "--data", "web", "--precision", "fp32"], 1, "--steps"),
+    (["finetune", "--resume", "--out", "{run}", "--clip", "0.3", "0.8"], 2, "--clip conflicts"),
+    (["pretrain", "--lr", "inf"], 2, "--lr"),
+    (["pretrain", "--lr", "nan"], 2, "--lr"),
+    (["finetune", "{run}", "--lr", "inf"], 2, "--lr"),
+    (["finetune", "{run}", "--lr", "-inf"], 2, "--lr"),
+    (["pretrain", "--threads", "0"], 2, "--threads"),
+    (["pretrain", "--fix-clip"], 2, "--clip-search"),
+    (["finetune", "{run}", "--variance", "block"], 2, "--clip-search"),
+    (["eval", "{run}", "--zero-shot", "devil", "--split", "train"], 2, "--split"),
+    (["finetune", "{run}", "--threads", "-1"], 2, "--threads"),
     (["pretrain", "--device", "tpu", "--steps", "1", "--length", "32"], 2, "tpu"),
     (["finetune", "{run}", "--block-size", "5"], 2, "divide"),
     (["finetune", "{run}", "--clip", "0.6", "0.2"], 2, "--clip"),
@@ -245,7 +285,18 @@ BAD_ARGS = [
     (["eval", "nowhere"], 1, "nowhere"),
     (["eval", "{run}", "--split", "test"], 2, "--split"),
     (["eval", "{run}", "--passes", "0"], 2, "--passes"),
+    (["eval", "{run}", "--threads", "0"], 2, "--threads"),
+    (["eval", "{run}", "--zero-shot", "missing.txt"], 2, "missing.txt"),
+    (["eval", "{run}", "--data", "missing.txt"], 2, "missing.txt"),
+    (["eval", "{run}", "--zero-shot", "binary.txt"], 1, "binary.txt"),
+    (["eval", "{run}", "--zero-shot", "empty.txt"], 1, "empty.txt"),
+    (["eval", "{run}", "--zero-shot", "ptb,devil", "--data", "file.txt"], 2, "--data"),
+    (["variance", "{run}", "--threads", "-1"], 2, "--threads"),
     (["sample", "{run}", "--top-p", "1.5"], 2, "--top-p"),
+    (["sample", "{run}", "--top-p", "0"], 2, "--top-p"),
+    (["sample", "{run}", "--temperature", "inf"], 2, "--temperature"),
+    (["sample", "{run}", "--threshold", "nan"], 2, "--threshold"),
+    (["sample", "{run}", "--threads", "0"], 2, "--threads"),
     (["sample", "{run}", "--format", "xml"], 2, "--format"),
     (["sample", "{run}", "--block-size", "5"], 2, "--block-size"),
     (["variance", "{run}", "--clip", "0.5"], 2, "--clip"),

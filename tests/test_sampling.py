@@ -728,15 +728,22 @@ def test_thread_tuner_keeps_the_faster_setting_and_backs_off_when_busy():
     for _ in range(3):
         t._record(1, 0.010)
     assert t._threads() == 2 and t.probing == []  # a probe with two threads
-    t._record(2, 0.040)  # its first call wakes the thread pool: not timed
+    t._record(2, 0.020)  # its first call wakes the thread pool: not compared
     for _ in range(3):
         t._record(2, 0.005)
     assert t.active == 2 and t.probing is None and t.switches == 1
     t.next_probe = 0.0
     assert t._threads() == 1  # probing one thread again later
-    t._record(1, 0.050)  # the untimed first call
-    t._record(1, 0.050)  # far slower: the probe stops at once and the next waits
+    t._record(1, 0.050)  # the first call, 10x slower: the probe stops at once and the next waits
     assert t.active == 2 and t.probing is None and t.next_probe > 0
     t.load.busy, t.next_check = 1.0, 0.0  # another process took the other core
     assert t._threads() == 1 and t.active == 1
+    for _ in range(3):
+        t._record(1, 0.010)
+    t._record(1, 0.100)  # a call slowed down by the busy machine...
+    assert t.next_probe == 0.0 and t._threads() == 1 and t.probing is None  # ...does not send it to more threads
+    t.load.busy, t.next_check = 0.0, 0.0  # the other core is free again: a probe with two threads
+    assert t._threads() == 2 and t.probing == []
+    t._record(2, 0.300)  # its untimed first call is 30x slower (the core got busy again): lost at once
+    assert t.active == 1 and t.probing is None and t.next_probe > 0 and t.wait == 30.0
     torch.set_num_threads(before)

@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err, open_run
-from bd3.runs.hf import export_checkpoint, import_checkpoint
 
 
 def import_command(
@@ -36,6 +34,9 @@ def import_command(
       bd3 import ./bd3lm-owt-block_size16 runs/owt-bs16 --data owt
       bd3 import exported/web-bs4 runs/web-bs4-again     # a `bd3 export` folder, bit for bit
     """
+    from bd3.cli.common import err
+    from bd3.runs.hf import import_checkpoint
+
     run = import_checkpoint(src, out, tokenizer=tokenizer, data=data, force=force)
     c = run.config
     err.print(
@@ -71,5 +72,8 @@ def export_command(
       bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4-bf16 --precision bf16
       hf upload my-name/bd3lm-owt-bs4 exported/bd3lm-owt-bs4    # share it on the hub
     """
+    from bd3.cli.common import err, open_run
+    from bd3.runs.hf import export_checkpoint
+
     path = export_checkpoint(open_run(run), out, precision=precision, force=force)
     err.print(f"Wrote {path}: config.json, model.safetensors ({precision}), modeling and tokenizer files")

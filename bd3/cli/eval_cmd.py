@@ -1,33 +1,23 @@
-"""`bd3 eval` and `bd3 variance`: options -> one evaluation call -> a table or JSON."""
+"""`bd3 eval` and `bd3 variance`: options -> one evaluation call -> a table or JSON.
+
+torch, numpy and the data libraries are imported in the command bodies, after parsing.
+"""
 
 from __future__ import annotations
 
+import glob
+import math
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Optional
 
-import math
-from contextlib import contextmanager
-
-import numpy as np
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
+from bd3.choices import ZERO_SHOT_SETS
 from bd3.cli import options as o
-from bd3.cli.common import err, load_model, open_run, print_table, run_shards, run_tokenizer
 from bd3.config import FULL_CLIP, VARIANCES, RunConfig
-from bd3.diffusion.estimators import resolve_estimator
-from bd3.diffusion.schedules import canonical
 from bd3.errors import Bd3Error
-from bd3.evaluate.gen_ppl import GenSample, RunJudge, generative_perplexity, load_hf_judge, read_samples
-from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import nelbo_variance, variance_key
-from bd3.evaluate.zero_shot import ZERO_SHOT_SETS, zero_shot_rows
-from bd3.model.backends import resolve_attn
-from bd3.runs.records import save_eval_record
-from bd3.runtime import configure_model, resolve_device, resolve_precision
-from bd3.sampling.generate import generate
-from bd3.sampling.text import sample_documents
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
@@ -88,9 +78,12 @@ def evaluate(
     max_passes: Annotated[Optional[int], typer.Option(help=f"With --passes auto: stop after N passes (default {AUTO_MAX_PASSES}; needed above {AUTO_CAP_TOKENS:,} tokens per pass).", min=1, show_default=False)] = None,
     zero_shot: Annotated[
         Optional[list[str]],
-        typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)} (comma-separated or repeated).", show_default=False),
+        typer.Option(help=f"Evaluate on other corpora instead, with the reference's zero-shot protocol: {', '.join(ZERO_SHOT_SETS)}, "
+                     "or a local text/jsonl/parquet file, folder or glob (comma-separated or repeated). Local text keeps a newline "
+                     "between paragraphs; the paper's sets keep their detokenizers.", show_default=False),
     ] = None,
-    data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet).", show_default=False)] = None,
+    data: Annotated[Optional[str], typer.Option(help="With one --zero-shot set: a local copy of it (text, jsonl or parquet). "
+                                                "Alone: a local file to evaluate, as --zero-shot FILE.", show_default=False)] = None,
     gen_ppl: Annotated[bool, typer.Option("--gen-ppl", help="Generative perplexity instead: samples of the run (generated with the sampling options below, or read from --samples) scored by --judge.")] = False,
     judge: Annotated[str, typer.Option(help="With --gen-ppl: the model that scores the samples: a bd3 run trained with --algo ar, or a HuggingFace causal LM (needs pip install 'bd3[transformers]').")] = "gpt2-large",
     samples: Annotated[Optional[Path], typer.Option(help="Score these samples (the JSONL of `bd3 sample --format jsonl`) instead of generating them; implies --gen-ppl.", show_default=False)] = None,
@@ -126,6 +119,10 @@ def evaluate(
     """Validation perplexity: the NELBO bound for diffusion models (t ~ U[1e-3, 1], one
     stratified t per block), the exact NLL for AR runs.
 
+    --zero-shot: perplexity on other text, with the share of its tokens that the run's
+    training data never contained ('unseen'): a model cannot have learnt those, and a high
+    share dominates the number.
+
     --gen-ppl: the generative perplexity of the run's samples under a judge model, with
     the reference's protocol (the judge's tokenizer, windows of 1024 tokens moving by 512,
     end-of-text targets excluded): the mean of per-sample perplexities (the paper's number),
@@ -143,6 +140,7 @@ def evaluate(
       bd3 eval runs/owt-bs4 --block-size 16     # evaluate at another block size
       bd3 eval runs/owt-bs4 --zero-shot ptb,wikitext2,devil
       bd3 eval runs/owt-bs4 --zero-shot lambada --data lambada_test.jsonl
+      bd3 eval runs/owt-bs4 --zero-shot notes.txt          # a local file: paragraphs joined by newlines
       bd3 eval runs/owt-bs4 --gen-ppl --judge gpt2-large --num-samples 300
       bd3 eval --samples samples.jsonl --judge runs/owt-ar    # samples of `bd3 sample --format jsonl`
       bd3 eval runs/owt-bs4 --tasks lambada_openai,piqa --output results.json   # lm-eval tasks (hub)
@@ -177,22 +175,30 @@ def evaluate(
         o.check_stop(stop)
         o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
         sampling = {"sampler": sampler, "steps": steps, "threshold": threshold, "top_p": top_p, "temperature": temperature, "stop": stop}
+        from bd3.runtime import use_threads
+
+        use_threads(threads, warn_if_loaded=False)  # the sampler adapts to a loaded machine itself
         _generative_perplexity(
             run, judge, samples, sampling, block_size=block_size, num_samples=num_samples, batch_size=batch_size,
             max_tokens=max_tokens, kv_cache=kv_cache, seed=seed, threads=threads, device=device, precision=precision, attn=attn,
             json_=json_,
         )
         return
-    r = open_run(run)
-    cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     if split not in ("valid", "train"):
         raise typer.BadParameter(f"{split!r} is not one of valid, train.", param_hint="--split")
-    names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
-    for name in names:
-        if name not in ZERO_SHOT_SETS:
-            raise typer.BadParameter(f"{name!r} is not one of {', '.join(ZERO_SHOT_SETS)}.", param_hint="--zero-shot")
-    if data is not None and len(names) != 1:
-        raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one.", param_hint="--data")
+    names, data = _zero_shot_names(zero_shot, data)
+    if names and split != "valid":
+        raise typer.BadParameter("applies to the run's own data; --zero-shot evaluates other text whole.", param_hint="--split")
+    from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
+    from bd3.diffusion.estimators import resolve_estimator
+    from bd3.evaluate.perplexity import nelbo_perplexity
+    from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
+    from bd3.model.backends import resolve_attn
+    from bd3.runs.records import save_eval_record
+    from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
+
+    r = open_run(run)
+    cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     d = cfg.diffusion
     try:
         estimator = resolve_estimator(d.algo, d.block_size, estimator)
@@ -204,10 +210,15 @@ def evaluate(
                                  param_hint="--schedule")
     if estimator == "exact" and passes != "1" and d.algo != "ar":
         raise typer.BadParameter("--estimator exact is deterministic: one pass gives the exact value.", param_hint="--passes")
+    use_threads(threads)
+    if names:
+        run_tokenizer(r)
+        sets = [(name, zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)) for name in names]  # bad files fail first
+        train_counts = run_shards(r).unigram_counts("train")
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
 
-    def score(rows: np.ndarray) -> dict:
+    def score(rows) -> dict:
         limit = max_passes
         if passes == "auto" and limit is None:
             tokens = min(len(rows), max_batches * batch_size if max_batches else len(rows)) * rows.shape[1]
@@ -223,10 +234,13 @@ def evaluate(
 
     columns = [("tokens", "tokens"), ("nelbo_label", "NELBO / token ± s.e."), ("ppl_label", "perplexity (95 % interval)")]
     if names:
-        run_tokenizer(r)
-        results = [{**score(zero_shot_rows(name, r.tokenizer_path, cfg.model.length, data)), "set": name} for name in names]
+        results = []
+        for name, rows in sets:
+            evaluated = rows[: max_batches * batch_size] if max_batches else rows
+            results.append({**score(rows), "set": name, "unseen_share": unseen_share(train_counts, evaluated)})
         print_table(
-            f"bd3 eval {r.path}: zero-shot, {_how(results[0])}", [_labelled(x) for x in results], [("set", "set"), *columns],
+            f"bd3 eval {r.path}: zero-shot, {_how(results[0])}", [_labelled(x) for x in results],
+            [("set", "set"), ("unseen_share", "unseen in training"), *columns],
             json_, {"run": str(r.path), "algo": d.algo, "block_size": d.block_size, "zero_shot": results},
         )
         save_eval_record(r.path, "zero-shot", {"run": str(r.path), "block_size": cfg.diffusion.block_size, "zero_shot": results})
@@ -247,6 +261,7 @@ def _harness(run, tasks: str, *, passes: int | None, json_: bool, **options) -> 
         raise typer.BadParameter("name at least one task.", param_hint="--tasks")
     import logging
 
+    from bd3.cli.common import print_table
     from bd3.evaluate.harness import DEFAULT_PASSES, evaluate_tasks, metric_rows  # lm-eval only when asked
 
     logging.getLogger("lm_eval").setLevel(logging.ERROR)  # its per-task chatter; errors still show
@@ -285,6 +300,10 @@ def _pass_progress(auto: bool, max_passes: int, ci_width: float):
     if not auto:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from bd3.cli.common import err
+
     with Progress(TextColumn("passes"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[width]}"), console=err, transient=True) as bar:
         task = bar.add_task("passes", total=max_passes, width="")
 
@@ -293,6 +312,23 @@ def _pass_progress(auto: bool, max_passes: int, ci_width: float):
             bar.update(task, completed=done, width=f"95 % interval {high - low:.4f} nats (target {ci_width:g})")
 
         yield on_pass
+
+
+def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> tuple[list[str], str | None]:
+    """The sets and local files to evaluate, and the local copy of the one set (--data alone
+    is one local file to evaluate); usage errors exit 2."""
+    names = [n.strip() for v in zero_shot or [] for n in v.split(",") if n.strip()]
+    if data is not None and not names:
+        names, data = [data], None
+    elif data is not None and (len(names) != 1 or names[0] not in ZERO_SHOT_SETS):
+        raise typer.BadParameter("--data is a local copy of one --zero-shot set; name exactly one set, or give the file alone.", param_hint="--data")
+    for name in names:
+        if name not in ZERO_SHOT_SETS and not (Path(name).expanduser().exists() or glob.has_magic(name)):
+            raise typer.BadParameter(
+                f"no such file or folder: {name!r}; give a local text, jsonl or parquet file, or a zero-shot set ({', '.join(ZERO_SHOT_SETS)}).",
+                param_hint="--data" if zero_shot is None else "--zero-shot",
+            )
+    return names, data
 
 
 def variance(
@@ -314,6 +350,7 @@ def variance(
     precision: o.Precision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
+    threads: o.Threads = None,
     json_: o.Json = False,
 ) -> None:
     """NELBO and its variance when mask rates are clipped to [beta, omega]: the paper's
@@ -338,8 +375,15 @@ def variance(
     intervals = [_parse_interval(c) for c in clip] if clip else None
     if plot is not None:
         _pyplot()  # fail before the work if matplotlib is missing
+    from bd3.cli.common import err, load_model, open_run, print_table, run_shards
+    from bd3.evaluate.variance import nelbo_variance, variance_key
+    from bd3.model.backends import resolve_attn
+    from bd3.runs.records import save_eval_record
+    from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
+
     r = open_run(run)
     cfg = _evaluated_as(r.config, block_size)
+    use_threads(threads)
     dev = resolve_device(device)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev), compile_)
     rows = run_shards(r).rows("valid")
@@ -379,6 +423,14 @@ GEN_PPL_ROWS = (
 def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, num_samples, batch_size,
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
+    from bd3.cli.common import load_model, open_run, print_table, run_tokenizer
+    from bd3.evaluate.gen_ppl import GenSample, generative_perplexity, read_samples
+    from bd3.model.backends import resolve_attn
+    from bd3.runs.records import save_eval_record
+    from bd3.runtime import configure_model, resolve_device, resolve_precision
+    from bd3.sampling.generate import generate
+    from bd3.sampling.text import sample_documents
+
     dev = resolve_device(device)
     if samples is not None:
         items = read_samples(samples, lambda: run_tokenizer(open_run(run)))
@@ -408,6 +460,9 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
 
 def _judge(spec: str, device, precision: str):
     """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
+    from bd3.cli.common import load_model, open_run, run_tokenizer
+    from bd3.evaluate.gen_ppl import RunJudge, load_hf_judge
+
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
         jr = open_run(path)
@@ -421,6 +476,8 @@ def _judge(spec: str, device, precision: str):
 
 
 def _check_schedule(spec: str) -> str:
+    from bd3.diffusion.schedules import canonical  # the spec's vocabulary lives with its maths (imports torch)
+
     try:
         return canonical(spec)
     except Bd3Error as e:
@@ -440,6 +497,8 @@ def _pyplot():
 
 def _plot(results: list[dict], kind: str, path: Path) -> None:
     """One panel per schedule: each interval a square at (beta, omega), coloured by log variance."""
+    import numpy as np
+
     plt = _pyplot()
     schedules = list(dict.fromkeys(r["schedule"] for r in results))
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.5 * len(schedules), 4), squeeze=False)

@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = getattr(e, "ctx", None)
         where = f" Run '{ctx.command_path} --help' for usage." if ctx is not None else ""
         message = e.format_message().rstrip()
-        print(f"Error: {message}{'' if message.endswith(('.', ')')) else '.'}{where}", file=sys.stderr)
+        print(f"Error: {message}{'' if message.endswith(('.', ')', '?')) else '.'}{where}", file=sys.stderr)
         return e.exit_code
     return rv if isinstance(rv, int) else 0
 

@@ -1,16 +1,23 @@
-"""Options shared by several commands, defined once."""
+"""Options shared by several commands, defined once.
+
+Nothing here (nor in the command modules' top level) imports torch, numpy or the data
+libraries: help, shell completion and usage errors answer before those load.
+"""
 
 from __future__ import annotations
 
+import math
 import re
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
+from bd3.choices import ATTN_BACKENDS, RULES, STOPS
 from bd3.config import TRAIN_ESTIMATORS, WRAPS
-from bd3.model.backends import ATTN_BACKENDS
-from bd3.sampling.block import RULES, STOPS, Decoding
+
+if TYPE_CHECKING:
+    from bd3.sampling.block import Decoding
 
 RunArg = Annotated[
     Optional[Path],
@@ -21,6 +28,13 @@ RunArg = Annotated[
 def _check_device(value: str) -> str:
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", value):
         raise typer.BadParameter(f"{value!r} is not a device; use auto, cpu, cuda or cuda:N.")
+    return value
+
+
+def finite(value: float | None) -> float | None:
+    """The callback of every float option: inf and nan are refused at parse time."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number.")
     return value
 
 
@@ -139,14 +153,22 @@ Threshold = Annotated[
     typer.Option(
         help="Confidence decoding: unmask every position whose most likely token has probability above P, at least one per call "
         "(implies --sampler threshold; default 0.9).",
-        min=0.0, max=1.0, show_default=False,
+        min=0.0, max=1.0, show_default=False, callback=finite,
     ),
 ]
 NumSamples = Annotated[int, typer.Option(help="Number of samples.", min=1)]
+
+
+def _check_top_p(value: float | None) -> float | None:
+    if value is not None and not 0.0 < value <= 1.0:  # nan fails too
+        raise typer.BadParameter(f"{value} is outside (0, 1]; the nucleus keeps the most likely tokens up to this mass (1 disables it).")
+    return value
+
+
 TopP = Annotated[
     Optional[float],
-    typer.Option(help="Nucleus sampling mass (1 disables, 0 is greedy). Default: the paper's, 0.9 (0.99 for sedd runs).",
-                 min=0.0, max=1.0, show_default=False),
+    typer.Option(help="Nucleus sampling mass, in (0, 1] (1 disables it). Default: the paper's, 0.9 (0.99 for sedd runs).",
+                 show_default=False, callback=_check_top_p),
 ]
 
 
@@ -155,7 +177,7 @@ def top_p_for(run, top_p: float | None) -> float:
     if top_p is not None:
         return top_p
     return 0.99 if run.config.diffusion.algo == "sedd" else 0.9
-Temperature = Annotated[float, typer.Option(help="Softmax temperature.", min=1e-4)]
+Temperature = Annotated[float, typer.Option(help="Softmax temperature.", min=1e-4, callback=finite)]
 Stop = Annotated[
     str,
     typer.Option(help="End a sample early: eos (at its end-of-text token), entropy (when its last 256 tokens have a unigram entropy below 4 nats), both, or none."),
@@ -173,8 +195,9 @@ SamplePrecision = Annotated[
 Threads = Annotated[
     Optional[int],
     typer.Option(
-        help="CPU threads. Default: chosen while sampling, by timing the model calls: one while other processes keep the other "
-        "cores busy (more threads would stall), all of torch's when they are free and faster.",
+        help="CPU threads torch computes with. Default: $OMP_NUM_THREADS, else the cores this process may use (affinity and "
+        "cgroup quota). On cores shared with other jobs, fewer threads are often much faster: try --threads 1. "
+        "While sampling, the default switches between one thread and that number by timing the model calls.",
         min=1, show_default=False,
     ),
 ]
@@ -196,6 +219,8 @@ def sampling_rule(sampler: str | None, steps: int | None, threshold: float | Non
 def decoding(run, *, sampler: str | None, steps: int | None, threshold: float | None, top_p: float | None,
              temperature: float, stop: str) -> Decoding:
     """The sampling options as a :class:`Decoding` for ``run`` (checked; top-p defaults by algorithm)."""
+    from bd3.sampling.block import Decoding
+
     return Decoding(rule=sampling_rule(sampler, steps, threshold), steps=steps, threshold=0.9 if threshold is None else threshold,
                     top_p=top_p_for(run, top_p), temperature=temperature, stop=check_stop(stop))
 

@@ -10,15 +10,9 @@ from typing import Annotated, Optional
 
 import typer
 
+from bd3.choices import SAMPLE_PRECISIONS
 from bd3.cli import options as o
-from bd3.cli.common import err, load_model, open_run, run_tokenizer, stdout_writes
 from bd3.errors import Bd3Error
-from bd3.model.backends import resolve_attn
-from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision
-from bd3.sampling.block import ENTROPY_WINDOW
-from bd3.sampling.engine import PRECISIONS, sampling_precision
-from bd3.sampling.generate import generate, max_sample_tokens, sample_memory
-from bd3.sampling.text import SampleWriter
 
 FORMATS = ("text", "jsonl")
 
@@ -61,12 +55,20 @@ def sample(
     """
     if format_ not in FORMATS:
         raise typer.BadParameter(f"{format_!r} is not one of {', '.join(FORMATS)}.", param_hint="--format")
-    if precision not in ("auto", *PRECISIONS):
-        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(('auto', *PRECISIONS))}.", param_hint="--precision")
+    if precision not in ("auto", *SAMPLE_PRECISIONS):
+        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(('auto', *SAMPLE_PRECISIONS))}.", param_hint="--precision")
     o.check_stop(stop)
     rule = o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both.", param_hint="--prompt-file")
+    from bd3.cli.common import err, load_model, open_run, run_tokenizer, stdout_writes
+    from bd3.model.backends import resolve_attn
+    from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision, use_threads
+    from bd3.sampling.block import ENTROPY_WINDOW
+    from bd3.sampling.engine import sampling_precision
+    from bd3.sampling.generate import generate, max_sample_tokens, sample_memory
+    from bd3.sampling.text import SampleWriter
+
     r = open_run(run)
     cfg = r.config
     algo, L = cfg.diffusion.algo, cfg.model.length
@@ -98,6 +100,7 @@ def sample(
     # fp16 weights are an engine feature; SEDD runs the DiT itself (bf16 autocast where it pays off)
     precision = resolve_precision(precision, dev) if algo == "sedd" else sampling_precision(precision, dev)
     model = configure_model(load_model(r, dev), resolve_attn(attn, dev))
+    use_threads(threads, warn_if_loaded=False)  # without --threads the sampler adapts to a loaded machine itself
     batch_size = min(batch_size or num_samples, num_samples)
     writer = SampleWriter(tok, sys.stdout, format_, num_samples, ids, holdback=ENTROPY_WINDOW if decoding.entropy else 0)
     start = time.perf_counter()

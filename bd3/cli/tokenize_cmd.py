@@ -8,8 +8,6 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err
-from bd3.data.shards import cached_shards, tokenize
 
 
 def tokenize_command(
@@ -41,6 +39,9 @@ def tokenize_command(
       bd3 tokenize --data notes.txt --tokenizer bpe --vocab-size 4096
       bd3 tokenize --data owt --tokenizer gpt2 --length 1024 --wrap raw --num-proc 16   # then: bd3 pretrain --data owt --wrap raw ...
     """
+    from bd3.cli.common import err
+    from bd3.data.shards import cached_shards, tokenize
+
     if out is None:
         shards = cached_shards(data, tokenizer, length, vocab_size=vocab_size, num_proc=num_proc, wrap=wrap or "special")
     else:

@@ -1,4 +1,7 @@
-"""`bd3 pretrain` and `bd3 finetune`: options -> RunConfig -> bd3.train.train."""
+"""`bd3 pretrain` and `bd3 finetune`: options -> RunConfig -> bd3.train.train.
+
+torch and the data libraries are imported in the command bodies, after parsing.
+"""
 
 from __future__ import annotations
 
@@ -10,19 +13,14 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.cli.common import err, open_run, run_shards, shards_for
 from bd3.config import ALGOS, DEFAULT_TRAIN_ESTIMATOR, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
 from bd3.errors import Bd3Error
-from bd3.model.backends import resolve_attn
-from bd3.runs import new_run_name
-from bd3.runtime import resolve_device
-from bd3.train import train
 
 Steps = Annotated[
     Optional[int],
     typer.Option(help="Optimiser steps (pretrain default 800, finetune 300); with --resume, the new total.", min=1, show_default=False),
 ]
-Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0)]
+Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0, callback=o.finite)]
 Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)]
 FINETUNE_STEPS = 300
 Out = Annotated[Optional[Path], typer.Option(help="Run directory to create. Default: runs/<readable-unique-name>.", show_default=False)]
@@ -33,7 +31,8 @@ Resume = Annotated[
     bool,
     typer.Option(
         "--resume", help="Continue the run named by --out (default: the newest under ./runs) from its newest checkpoint, "
-        "with exactly the losses of an uninterrupted run; its config.json is used."
+        "with exactly the losses of an uninterrupted run; its config.json is used: --steps and run-time options (--device, "
+        "--threads, --log-every, --save-every, --keep-last) may change, other options must agree with it."
     ),
 ]
 Schedule = Annotated[
@@ -61,7 +60,7 @@ Fsdp = Annotated[
 
 
 def _check_loggers(values: list[str] | None) -> list[str]:
-    from bd3.train.loggers import check_loggers
+    from bd3.choices import check_loggers
 
     try:
         return check_loggers(values or [])
@@ -110,6 +109,7 @@ def pretrain(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
+    threads: o.Threads = None,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 200,
     eval_batches: EvalBatches = 16,
@@ -117,6 +117,7 @@ def pretrain(
     skip_nonfinite: SkipNonfinite = 0,
     logger: Logger = None,
     resume: Resume = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Train a BD3-LM from scratch (with no options: a small model on the built-in corpus).
 
@@ -133,13 +134,21 @@ def pretrain(
       torchrun --nproc-per-node 8 -m bd3 pretrain --data owt --tokenizer gpt2 --model small --length 1024 \\
           --batch-size 64 --global-batch-size 512 --out runs/owt    # DDP on 8 GPUs (add --fsdp to shard)
     """
-    if resume:
-        return _resume(out, steps, attn, compile_, fsdp, logger)
-    resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if algo not in ALGOS:
         raise typer.BadParameter(f"{algo!r} is not one of {', '.join(ALGOS)}.", param_hint="--algo")
     if model not in MODEL_PRESETS:
         raise typer.BadParameter(f"{model!r} is not one of {', '.join(MODEL_PRESETS)}.", param_hint="--model")
+    _check_clip_search(ctx, clip_search)
+    if resume:
+        return _resume(ctx)
+    from bd3.cli.common import err, shards_for
+    from bd3.model.backends import resolve_attn
+    from bd3.runs import new_run_name
+    from bd3.runtime import resolve_device, use_threads
+    from bd3.train import train
+
+    use_threads(threads)
+    resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
     if Path(data).exists():  # a local file or folder: recorded absolute, so the run works from anywhere
         data = str(Path(data).resolve())
     with _option_errors():
@@ -184,6 +193,7 @@ def finetune(
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
+    threads: o.Threads = None,
     log_every: LogEvery = 20,
     save_every: SaveEvery = 100,
     eval_batches: EvalBatches = 16,
@@ -191,6 +201,7 @@ def finetune(
     skip_nonfinite: SkipNonfinite = 0,
     logger: Logger = None,
     resume: Resume = False,
+    ctx: typer.Context = None,
 ) -> None:
     """Continue training a run's (EMA) weights at a new block size and clip interval,
     into a new run that records its parent.
@@ -204,8 +215,16 @@ def finetune(
       bd3 finetune --block-size 16 --schedule cosine --weighting sigmoid:k=0
       bd3 finetune --resume --out runs/owt-bs16
     """
+    _check_clip_search(ctx, clip_search)
     if resume:
-        return _resume(out, steps, attn, compile_, fsdp, logger)
+        return _resume(ctx)
+    from bd3.cli.common import err, open_run, run_shards
+    from bd3.model.backends import resolve_attn
+    from bd3.runs import new_run_name
+    from bd3.runtime import resolve_device, use_threads
+    from bd3.train import train
+
+    use_threads(threads)
     resolve_attn(attn, resolve_device(device))
     parent = open_run(run)
     pcfg = parent.config
@@ -238,14 +257,76 @@ def finetune(
     )
 
 
-def _resume(out: Path | None, steps: int | None, attn: str, compile_: bool, fsdp: bool = False, loggers: list[str] | None = None) -> None:
-    """Continue a run from its newest complete checkpoint, with its own config and data."""
-    run = open_run(out)
+# Options that may differ from the resumed run's config: the new total of steps, and choices
+# that change how the run executes, not what it computes.
+RESUMABLE = ("steps", "out", "resume", "device", "attn", "compile_", "fsdp", "threads", "log_every", "save_every", "keep_last", "logger")
+
+
+def _resume(ctx: typer.Context) -> None:
+    """Continue the run named by --out from its newest complete checkpoint, with its own
+    config and data; only the options in RESUMABLE may differ from that config."""
+    from bd3.cli.common import err, open_run, run_shards
+    from bd3.runtime import use_threads
+    from bd3.train import train
+
+    p = ctx.params
+    run = open_run(p["out"])
     cfg = run.config
-    if steps is not None:
-        with _option_errors():
-            cfg = replace(cfg, train=replace(cfg.train, steps=steps))
-    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=attn, compile=compile_, fsdp=fsdp, loggers=loggers or ())
+    conflicts = [name for name in _given(ctx) if name not in RESUMABLE and not _agrees(cfg, name, p[name])]
+    if conflicts:
+        names = ", ".join("RUN" if name == "run" else "--" + name.rstrip("_").replace("_", "-") for name in conflicts)
+        raise typer.BadParameter(
+            f"{names} {'conflicts' if len(conflicts) == 1 else 'conflict'} with the config of {run.path}, which --resume "
+            f"continues unchanged; drop {'it' if len(conflicts) == 1 else 'them'} (only --steps and run-time options such as "
+            "--device, --threads, --log-every, --save-every may change).",
+            param_hint="--resume",
+        )
+    changes = {name: p[name] for name in _given(ctx) if name in ("steps", "device", "log_every", "save_every", "keep_last")}
+    with _option_errors():
+        cfg = replace(cfg, train=replace(cfg.train, **changes))
+    use_threads(p["threads"])
+    train(cfg, run_shards(run), run.path, resume=True, console=err, attn=p["attn"], compile=p["compile_"], fsdp=p["fsdp"],
+          loggers=p["logger"] or ())
+
+
+def _check_clip_search(ctx: typer.Context, clip_search: bool) -> None:
+    """--fix-clip and --variance steer the clip search; without --clip-search they would do nothing."""
+    for name in ("fix_clip", "variance"):
+        if not clip_search and name in _given(ctx):
+            raise typer.BadParameter("applies to --clip-search; add --clip-search or drop it.", param_hint="--" + name.replace("_", "-"))
+
+
+def _given(ctx: typer.Context) -> list[str]:
+    """The options given on the command line (or through the environment), not defaulted."""
+    return [name for name in ctx.params if ctx.get_parameter_source(name).name in ("COMMANDLINE", "ENVIRONMENT")]
+
+
+def _agrees(cfg: RunConfig, name: str, value) -> bool:
+    """Whether option ``name`` given as ``value`` says what the run's config already holds."""
+    from bd3.diffusion.schedules import canonical
+
+    d, t = cfg.diffusion, cfg.train
+    if name == "schedule":
+        try:
+            return canonical(value) == d.schedule
+        except Bd3Error:
+            return False
+    if name == "clip":
+        return tuple(value) == tuple(d.clip)
+    if name == "data":
+        return (str(Path(value).resolve()) if Path(value).exists() else value) == cfg.data.data
+    if name == "run":
+        return t.parent is not None and Path(value).resolve() == Path(t.parent).resolve()
+    if name == "model":
+        return value in MODEL_PRESETS and model_config(value, cfg.model.length, causal=cfg.model.causal) == cfg.model
+    if name in ("algo", "block_size", "resample", "clip_search", "fix_clip", "variance", "weighting", "estimator"):
+        return value == getattr(d, name)
+    if name in ("batch_size", "global_batch_size", "lr", "warmup_steps", "seed", "precision", "eval_batches", "skip_nonfinite"):
+        return value == getattr(t, name)
+    if name == "vocab_size":  # it sizes a trained BPE only
+        return cfg.data.tokenizer != "bpe" or value == cfg.data.vocab_size
+    known = {"length": cfg.model.length, "tokenizer": cfg.data.tokenizer, "wrap": cfg.data.wrap}
+    return name in known and value == known[name]
 
 
 @contextmanager

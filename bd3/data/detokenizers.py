@@ -84,7 +84,13 @@ def scientific_papers(x: str) -> str:
     return lm1b(wikitext(x))
 
 
+def paragraphs(x: str) -> str:
+    """Local text and the built-in sets, joined without EOS: a newline ends each paragraph,
+    so consecutive paragraphs do not run into each other."""
+    return x + "\n"
+
+
 DETOKENIZERS: dict[str, Callable[[str], str]] = {
     "ptb": ptb, "wikitext2": wikitext, "wikitext103": wikitext, "lm1b": lm1b, "lambada": lambada,
-    "pubmed": scientific_papers, "arxiv": scientific_papers,
+    "pubmed": scientific_papers, "arxiv": scientific_papers, "paragraphs": paragraphs,
 }

@@ -33,9 +33,9 @@ from functools import lru_cache
 
 import torch
 
+from bd3.choices import ESTIMATORS
 from bd3.diffusion.noise import sample_t
 
-ESTIMATORS = ("exact", "k", "t")
 EXACT_MAX_BLOCK = 8  # 2^8 - 1 = 255 passes
 
 

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from bd3.choices import ATTN_BACKENDS
 from bd3.diffusion.masks import block_diff_mask_mod
 from bd3.errors import Bd3Error
 
-ATTN_BACKENDS = ("auto", "sdpa", "flex", "xformers")
 FLEX_TILE = 128  # FlexAttention's block-sparsity granularity (queries and keys per tile)
 
 

@@ -32,14 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
+from bd3.choices import RULES, STOPS
 from bd3.diffusion.masks import block_causal_mask
 from bd3.sampling.denoiser import FunctionDenoiser, ModelDenoiser
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import confidence, draw, subs_weights
 from bd3.sampling.threads import ThreadTuner, restore_threads
 
-RULES = ("first-hitting", "ddpm", "threshold")
-STOPS = ("none", "eos", "entropy", "both")
 ENTROPY_WINDOW = 256  # tokens (the reference's)
 ENTROPY_MIN = 4.0  # nats
 

@@ -31,12 +31,11 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from bd3.choices import SAMPLE_PRECISIONS
 from bd3.errors import Bd3Error
 from bd3.model.kv_cache import KVCache
-from bd3.runtime import MODEL_PRECISIONS, resolve_precision
+from bd3.runtime import resolve_precision
 from bd3.sampling import backbone
-
-PRECISIONS = (*MODEL_PRECISIONS, "fp16")  # the engine's: fp16 weights are its own
 
 
 def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -146,8 +145,8 @@ class Engine:
     model's dtype (float32 attention is also the faster one on a CPU)."""
 
     def __init__(self, model, precision: str = "fp32") -> None:
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+        if precision not in SAMPLE_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, not {precision!r}")
         if precision == "fp16" and not fp16_weights_supported(model.vocab_embed.embedding.device):
             raise ValueError("precision fp16 needs a CPU and a torch built with FBGEMM (x86)")
         cfg = model.cfg

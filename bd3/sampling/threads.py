@@ -9,10 +9,14 @@ Neither is known in advance and either can change during a long run, so
 this process (``/proc/stat``), moves to all threads once it has seen the other cores free
 for the first 0.1 s, and from then on, while they stay free, now and then runs a few calls
 with the other setting and keeps whichever was faster. The first call after a
-change of thread count is not timed: the thread pool wakes up during it and it can take 1.5x
-as long (measured), which made early probes lose. A lost probe makes the next one wait twice
-as long (probing costs about 1% of the time); when other processes take the cores, it goes
-back to one thread. On a GPU nothing is tuned.
+change of thread count is not compared: the thread pool wakes up during it and it can take
+1.5x as long (measured), which made early probes lose; but a probe call (that one included)
+more than 3x slower than usual ends the probe at once. More threads are only tried right
+after a look at the other cores found them free: a call slowed down by a busy machine never
+sends the sampler to more threads, whose calls would then be 10-30x slower still. A lost
+probe makes the next one wait twice as long, or longer (probing costs about 1% of the
+time); when other processes take the cores, it goes back to one thread. On a GPU nothing is
+tuned.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ FIRST = 0.1  # seconds of sampling before the first look at the other cores
 MAX_SHARE = 0.01  # a lost probe's cost may be at most this share of the time until the next
 MAX_WAIT = 30.0  # seconds between probes at most
 JUMP = 3.0  # a call this much slower than usual (the other core got busy) probes at once
+LOST = 3.0  # a probe call this much slower than usual ends the probe, lost
 
 
 def _cpu_jiffies() -> tuple[int, int] | None:
@@ -77,12 +82,14 @@ class ThreadTuner:
         self.times: dict[int, deque] = {1: deque(maxlen=8), self.max: deque(maxlen=8)}
         self.probing: list[float] | None = None
         self.warmup = 0  # probe calls still to skip
+        self.cost = 0.0  # seconds spent in the current probe, its warm-up included
         self.next_probe = time.perf_counter() + FIRST  # a probe may start after this
         self.wait = 2.0  # seconds until the next probe after a lost one (doubles)
         self.switches = 0
         self.load = Load() if self.fixed is None else None
         self.next_check = time.perf_counter() + FIRST
         self.checked = False  # the first look at the other cores is still to come
+        self.free = False  # the last look found the other cores free
 
     @property
     def other(self) -> int:
@@ -100,7 +107,8 @@ class ThreadTuner:
         if self.probing is None and now >= self.next_check:
             self.next_check = now + 0.5
             first, self.checked = not self.checked, True
-            if self._busy():
+            self.free = not self._busy()
+            if not self.free:
                 if self.active != 1:  # the other core got busy: back to one thread
                     self.active, self.switches = 1, self.switches + 1
                 self.next_probe = max(self.next_probe, now + 0.5)
@@ -108,8 +116,9 @@ class ThreadTuner:
             if first and self.active == 1:  # the other cores are free: use them, measure one thread later
                 self.active, self.switches = self.max, self.switches + 1
                 self.next_probe = now + self.wait
-        if self.probing is None and now >= self.next_probe and len(self.times[self.active]) >= PROBE_CALLS:
-            self.probing, self.warmup = [], PROBE_WARMUP
+        probe_ok = self.active != 1 or self.free  # more threads only while the other cores are free
+        if self.probing is None and now >= self.next_probe and probe_ok and len(self.times[self.active]) >= PROBE_CALLS:
+            self.probing, self.warmup, self.cost = [], PROBE_WARMUP, 0.0
         return self.other if self.probing is not None else self.active
 
     @contextlib.contextmanager
@@ -129,23 +138,24 @@ class ThreadTuner:
                 self.next_probe = 0.0
             recent.append(seconds)
             return
+        current = statistics.median(self.times[self.active])
+        self.cost += seconds
         if self.warmup:
             self.warmup -= 1
-            return
-        self.probing.append(seconds)
-        current = statistics.median(self.times[self.active])
-        if len(self.probing) < PROBE_CALLS and seconds < 3 * current:
-            return
-        probe = statistics.median(self.probing)
-        cost = sum(self.probing)
-        if len(self.probing) == PROBE_CALLS and probe < WIN * current:
+            if seconds < LOST * current:
+                return
+        else:
+            self.probing.append(seconds)
+            if len(self.probing) < PROBE_CALLS and seconds < LOST * current:
+                return
+        if len(self.probing) == PROBE_CALLS and statistics.median(self.probing) < WIN * current:
             self.times[self.other].clear()
             self.times[self.other].extend(self.probing)
             self.active = self.other
             self.switches += 1
             self.wait = 2.0
         else:
-            self.wait = min(max(2 * self.wait, cost / MAX_SHARE), MAX_WAIT)
+            self.wait = min(max(2 * self.wait, self.cost / MAX_SHARE), MAX_WAIT)
         self.probing = None
         self.next_probe = time.perf_counter() + self.wait
 

@@ -12,7 +12,6 @@ Each tracker is an optional extra (``bd3[tensorboard]``, ``bd3[wandb]``). One th
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import secrets
@@ -27,23 +26,10 @@ from bd3.errors import Bd3Error
 from bd3.sampling.generate import generate
 from bd3.sampling.text import render
 
-LOGGERS = ("tensorboard", "wandb")  # each is also the name of its extra and of the module it needs
 STATE_FILE = "loggers.json"  # in the run folder: the trackers in use and the W&B run id (for --resume)
 WANDB_HOST = "api.wandb.ai"
 SAMPLES = 2  # texts generated at each validation, one model length each (only when a tracker is on)
 SECTIONS = {None: "train", "validation": "valid"}  # tag prefix per metrics.jsonl event
-
-
-def check_loggers(names: Sequence[str]) -> list[str]:
-    """``names`` without repeats; an unknown name is a ValueError, a tracker whose package is
-    not installed a Bd3Error naming the extra to install."""
-    unknown = [n for n in names if n not in LOGGERS]
-    if unknown:
-        raise ValueError(f"{unknown[0]!r} is not one of {', '.join(LOGGERS)}.")
-    for name in names:
-        if importlib.util.find_spec(name) is None:
-            raise Bd3Error(f"--logger {name} needs the {name} package: pip install 'bd3[{name}]'.")
-    return list(dict.fromkeys(names))
 
 
 def scalars(record: dict) -> dict[str, float]:

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from bd3 import __version__
+from bd3.choices import check_loggers
 from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
 from bd3.diffusion.clip_search import clip_grid
@@ -39,7 +40,7 @@ from bd3.runtime import autocast, configure_model, resolve_precision
 from bd3.train import distributed as dist_
 from bd3.train.distributed import Parallel
 from bd3.train.ema import EMA
-from bd3.train.loggers import Loggers, check_loggers, open_loggers, read_state, sample_texts
+from bd3.train.loggers import Loggers, open_loggers, read_state, sample_texts
 
 
 class Batches:
@@ -490,6 +491,13 @@ def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
                 model, valid, cfg.diffusion, cfg.data.mask_id, estimator=validation_estimator(cfg.diffusion),
                 batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
             )
+            if not np.isfinite(result["nelbo"]):
+                good = [c for c in run.checkpoints() if c != path]
+                kept = f"the last good checkpoint is {good[-1]}" if good else "no earlier checkpoint was written"
+                raise Bd3Error(
+                    f"The validation NELBO at step {trainer.step} is not finite ({result['nelbo']}): the weights in {path} diverged; "
+                    f"{kept}. Lower --lr, or use --precision fp32."
+                )
             if cfg.diffusion.clip_search:
                 _clip_search(trainer, run, model, valid)
             if trainer.loggers:
