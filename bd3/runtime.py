@@ -117,10 +117,11 @@ def default_threads() -> int:
 def use_threads(threads: int | None, warn_if_loaded: bool = True) -> int:
     """Set torch's CPU threads to ``threads`` (--threads), else :func:`default_threads`; return
     the count. Without --threads, when the machine's 1-minute load average already exceeds
-    its cores, say once on stderr that more than one thread will be slow and how to set them."""
+    its cores, say once on a terminal's stderr that more than one thread will be slow and how
+    to set them (not in logs and pipes, whose readers did not start the command by hand)."""
     n = threads or default_threads()
     torch.set_num_threads(n)
-    if threads is None and warn_if_loaded and n > 1 and os.environ.get("RANK", "0") == "0":
+    if threads is None and warn_if_loaded and n > 1 and os.environ.get("RANK", "0") == "0" and sys.stderr.isatty():
         load, cores = _load_average(), os.cpu_count() or 1
         if load > cores:
             print(

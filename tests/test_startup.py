@@ -145,6 +145,7 @@ def test_cgroup_quota_v2_and_v1(tmp_path):
 def test_a_loaded_machine_gets_one_note_on_stderr(monkeypatch, capsys):
     before = torch.get_num_threads()
     monkeypatch.setattr(runtime, "_load_average", lambda: 99.0)
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: pipes and logs get no note
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     try:
         assert runtime.use_threads(None) == 2 and torch.get_num_threads() == 2
@@ -153,6 +154,9 @@ def test_a_loaded_machine_gets_one_note_on_stderr(monkeypatch, capsys):
         assert runtime.use_threads(1) == 1 and capsys.readouterr().err == ""  # --threads given: no note
         assert runtime.use_threads(None, warn_if_loaded=False) == 2 and capsys.readouterr().err == ""
         monkeypatch.setattr(runtime, "_load_average", lambda: 0.1)
+        assert runtime.use_threads(None) == 2 and capsys.readouterr().err == ""
+        monkeypatch.setattr(runtime, "_load_average", lambda: 99.0)
+        monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
         assert runtime.use_threads(None) == 2 and capsys.readouterr().err == ""
     finally:
         torch.set_num_threads(before)

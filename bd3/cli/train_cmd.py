@@ -147,8 +147,8 @@ def pretrain(
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 
-    use_threads(threads)
     resolve_attn(attn, resolve_device(device))  # a backend that cannot run here fails before any tokenizing
+    use_threads(threads)
     if Path(data).exists():  # a local file or folder: recorded absolute, so the run works from anywhere
         data = str(Path(data).resolve())
     with _option_errors():
@@ -224,8 +224,8 @@ def finetune(
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 
-    use_threads(threads)
     resolve_attn(attn, resolve_device(device))
+    use_threads(threads)
     parent = open_run(run)
     pcfg = parent.config
     if pcfg.diffusion.algo == "ar":
