@@ -34,8 +34,12 @@ def metrics(run: Path) -> dict[int, tuple[float, float]]:
 
 
 def assert_same_steps(a: dict, b: dict, steps) -> None:
+    """(loss, gradient norm) equal up to float32 rounding: sums taken in another order (other
+    processes, micro-batches, thread counts) differ by ~1e-7, and two AdamW steps at lr 1e-2
+    amplify that to ~1e-5 in the step-3 gradient norm (measured up to 1.2e-5)."""
     for step in steps:
-        assert a[step] == pytest.approx(b[step], rel=1e-5), step
+        assert a[step][0] == pytest.approx(b[step][0], rel=1e-5), step
+        assert a[step][1] == pytest.approx(b[step][1], rel=1e-4), step
 
 
 def checkpoint(run: Path, step: int) -> dict[str, torch.Tensor]:
