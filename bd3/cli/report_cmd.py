@@ -11,7 +11,6 @@ import typer
 from rich.console import Console
 
 from bd3.cli import options as o
-from bd3.evaluate import report as report_lib
 
 
 def report(
@@ -42,6 +41,8 @@ def report(
     """
     if not runs:
         raise typer.BadParameter("give at least one run directory, e.g. bd3 report runs/*.", param_hint="RUN")
+    from bd3.evaluate import report as report_lib
+
     if out is not None:
         report_lib.check_out(out, force)  # before reading every run
     result = report_lib.collect(runs)
