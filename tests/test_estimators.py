@@ -150,8 +150,8 @@ def test_passes_auto_stops_at_the_width_or_the_cap(tiny_model):
     assert wide["passes"] == 2 and seen == [1, 2]
     narrow = nelbo_perplexity(tiny_model, x, cfg, MASK, estimator="k", batch_size=8, passes="auto", ci_width=1e-9, max_passes=5)
     assert narrow["passes"] == 5
-    mid = nelbo_perplexity(tiny_model, x, cfg, MASK, estimator="k", batch_size=8, passes="auto", ci_width=0.05, max_passes=400)
-    assert mid["nelbo_ci95"][1] - mid["nelbo_ci95"][0] <= 0.05 and 2 <= mid["passes"] < 400
+    mid = nelbo_perplexity(tiny_model, x, cfg, MASK, estimator="k", batch_size=8, passes="auto", ci_width=0.2, max_passes=100)
+    assert mid["nelbo_ci95"][1] - mid["nelbo_ci95"][0] <= 0.2 and 2 < mid["passes"] < 100
 
 
 def test_draw_counts_masks_k_uniform_maskable_positions():

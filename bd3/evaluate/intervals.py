@@ -48,12 +48,12 @@ def nelbo_interval(row_sums: np.ndarray, counts: np.ndarray, deterministic: bool
     if deterministic or n * passes < 2:
         se, dof = 0.0, math.inf
     elif passes >= 2:
-        se = math.sqrt(row_sums.var(axis=0, ddof=1).sum() / passes) / total
+        se = math.sqrt(row_sums.var(axis=0, ddof=1).sum() / passes) / float(total)
         dof = n * (passes - 1)
     else:
         residual = row_sums[0] - nelbo * counts
         se = math.sqrt(n / (n - 1) * (residual**2).sum()) / total
         dof = n - 1
-    half = (Z_975 if dof == math.inf else t_quantile_975(int(dof))) * se
+    half = (Z_975 if dof == math.inf else t_quantile_975(int(dof))) * float(se)
     low, high = nelbo - half, nelbo + half
     return {"nelbo": nelbo, "nelbo_se": se, "nelbo_ci95": [low, high], "ppl_ci95": [math.exp(low), math.exp(high)]}
