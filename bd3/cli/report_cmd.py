@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
 from bd3.cli import options as o
 
@@ -41,6 +40,8 @@ def report(
     """
     if not runs:
         raise typer.BadParameter("give at least one run directory, e.g. bd3 report runs/*.", param_hint="RUN")
+    from rich.console import Console
+
     from bd3.evaluate import report as report_lib
 
     if out is not None:
