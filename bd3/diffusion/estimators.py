@@ -35,6 +35,7 @@ import torch
 
 from bd3.choices import ESTIMATORS
 from bd3.diffusion.noise import sample_t
+from bd3.errors import Bd3Error
 
 EXACT_MAX_BLOCK = 8  # 2^8 - 1 = 255 passes
 
@@ -135,8 +136,6 @@ def draw_counts(
 def resolve_estimator(algo: str, block_size: int, requested: str | None) -> str:
     """The evaluation estimator of a run: ``requested``, checked, or the default (``k`` for
     BD3-LM and MDLM, ``t`` for SEDD, ``exact`` for AR, whose likelihood is exact)."""
-    from bd3.errors import Bd3Error
-
     if requested is not None and requested not in ESTIMATORS:
         raise Bd3Error(f"Unknown estimator {requested!r}; choose one of {', '.join(ESTIMATORS)}.")
     if algo == "ar":

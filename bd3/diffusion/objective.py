@@ -8,6 +8,9 @@ here imports it.
   block-diffusion mask; the output layer runs only on the masked x_t positions.
 - ``mdlm``: the same with one block of length L and no x_0 stream (full attention).
 - ``ar``: causal next-token cross-entropy (the mask logit excluded, as the reference).
+- Noise (:class:`Noise`: x_t, each token's NELBO weight and its block's mask rate) comes from
+  one of the estimators of :mod:`bd3.diffusion.estimators`: ``t`` (t per block), ``k`` (a
+  masked count per block) or ``exact`` (every mask pattern, :func:`exact_nelbo`).
 - ``sedd``: MDLM's noise and one stream, the model time-conditioned on sigma
   (``hidden_states(x_t, sigma=)`` and ``logits(h, c)``), the score-entropy loss
   (:mod:`bd3.diffusion.sedd`).
@@ -138,15 +141,15 @@ def draw_noise(
     schedule = get_schedule(cfg.schedule)
     t_range = schedule.t_range((max(clip[0], T_MIN), max(clip[1], T_MIN)))
     t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, device=x0.device)
-    t_tok = t.repeat_interleave(block_size, dim=1)
-    rate = schedule.mask_prob(t_tok.double())
+    t_tok = t.repeat_interleave(block_size, dim=1).double()
+    rate = schedule.mask_prob(t_tok)
     if resample:
         xt = resample_corrupt(x0, rate.float(), mask_id, block_size, clip, generator=generator, keep_first=cfg.ignore_bos)
     else:
         xt = corrupt(x0, rate.float(), mask_id, generator=generator, keep_first=cfg.ignore_bos)
     if maskable is not None:
         xt = torch.where(maskable, xt, x0)
-    return Noise.at_times(xt, t_tok, cfg.schedule)
+    return Noise(xt, schedule.weight(t_tok), rate)
 
 
 def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig):
