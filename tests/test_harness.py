@@ -143,6 +143,32 @@ def test_generate_until_stops_at_the_first_stop_string(runs):
     assert out == lm.generate_until(requests(gen, "generate_until"), disable_tqdm=True)
 
 
+@pytest.mark.parametrize("algo", ["bd3lm", "mdlm", "ar", "sedd"])
+def test_generate_until_batches_and_each_request_is_its_own(runs, algo, monkeypatch):
+    """Requests of different lengths and decodings, batch_size at a time: each text is the one
+    the request gets alone, in the requests' order; a repeated sampled request draws anew."""
+    import bd3.sampling.generate as sampling
+
+    rows = []
+    for name in ("sample_blocks", "sample_ar", "sample_sedd"):
+        real = getattr(sampling, name)
+        monkeypatch.setattr(sampling, name, lambda *a, _real=real, **kw: rows.append(len(kw["samples"])) or _real(*a, **kw))
+    lm = Bd3LM(run=runs[algo], batch_size=2, device="cpu")
+    randomize(lm.model, seed=6)
+    sampled = {"do_sample": True, "temperature": 0.8, "top_p": 0.9}
+    gen = [("Once upon a time", {"until": ["."], "max_gen_toks": 12}),
+           ("Hi", {"until": [], "max_gen_toks": 5, **sampled}),
+           ("word " * 40, {"until": ["\n"], "max_gen_toks": 9}),  # cut from the left to fit
+           ("The sun rises in the east and", {"until": [], "max_gen_toks": 20}),
+           ("A", {"until": [" the"], "max_gen_toks": 7}),
+           ("Water is", {"until": [], "max_gen_toks": 6, **sampled})]
+    together = lm.generate_until(requests(gen, "generate_until"), disable_tqdm=True)
+    assert rows == [2, 2, 2]  # four greedy requests in two batches, then the two sampled ones
+    assert together == [lm.generate_until(requests([g], "generate_until"), disable_tqdm=True)[0] for g in gen]
+    twice = lm.generate_until(requests([gen[1], gen[1]], "generate_until"), disable_tqdm=True)
+    assert twice[0] == together[1] and twice[1] != twice[0]
+
+
 def brute_force_bound(model, row, start, block_size, mask_id):
     """-NELBO of row[start:] given row[:start] clean, the rest of the model length unknown
     (masked): for each block and each non-empty subset S of its continuation positions (m of

@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+from collections import Counter
 from pathlib import Path
 
 from bd3.errors import Bd3Error
@@ -118,25 +119,44 @@ class Bd3LM(TemplateLM):
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """One sample per request, from the run's sampler with the context as prompt, cut
-        at the first stop string (lm-eval's ``until``; EOS also ends it)."""
-        out = []
+        at the first stop string (lm-eval's ``until``; EOS also ends it).
+
+        Batched: requests with the same decoding (greedy, or sampled at a temperature and
+        top-p) go through the sampler ``batch_size`` at a time, each row with its own prompt
+        and length, longest prompts first; the results come back in the requests' order. A
+        request's text does not depend on the others: every request draws from random
+        stream 0 of ``seed``, except that a sampled request repeated in the list (lm-eval's
+        ``repeats``) draws from streams 0, 1, 2, ... over its copies."""
         L = self.config.model.length
-        start = [self.config.data.bos_id]
-        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+        prompts, max_tokens, stops, streams = [], [], [], []
+        groups: dict[tuple[float, float], list[int]] = {}  # (top_p, temperature) -> requests
+        copies: Counter = Counter()
+        for i, req in enumerate(requests):
             context, kwargs = req.args
             until = kwargs.get("until") or []
-            until = [until] if isinstance(until, str) else list(until)
-            new = int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS))
-            prompt = start + self.tok.encode(context)[-(L - 2):]  # cut from the left: BOS + prompt < L
+            stops.append([until] if isinstance(until, str) else list(until))
+            prompts.append([self.config.data.bos_id] + self.tok.encode(context)[-(L - 2):])  # cut from the left: BOS + prompt < L
+            max_tokens.append(len(prompts[-1]) + int(kwargs.get("max_gen_toks", DEFAULT_MAX_GEN_TOKS)))
             sampled = kwargs.get("do_sample", False) and float(kwargs.get("temperature", 1.0)) > 0
-            decoding = Decoding(top_p=float(kwargs.get("top_p", 1.0)) if sampled else 0.0,
-                                temperature=float(kwargs.get("temperature", 1.0)) if sampled else 1.0, stop="eos")
-            sample = generate(self.model, self.config, max_tokens=len(prompt) + new, prompt=prompt, decoding=decoding,
-                              seed=self.seed)[0]
-            text = self.tok.decode(sample.tokens[sample.prompt_tokens:])
-            cut = min([text.index(s) for s in until if s and s in text], default=len(text))
-            out.append(text[:cut])
-            self.cache_hook.add_partial("generate_until", (context, kwargs), text[:cut])
+            key = (context, json.dumps(kwargs, sort_keys=True, default=str))
+            streams.append(copies[key] if sampled else 0)
+            copies[key] += 1
+            decoding = (float(kwargs.get("top_p", 1.0)), float(kwargs.get("temperature", 1.0))) if sampled else (0.0, 1.0)
+            groups.setdefault(decoding, []).append(i)
+        out = [""] * len(requests)
+        with tqdm(total=len(requests), desc="generate_until", disable=disable_tqdm) as bar:
+            for (top_p, temperature), members in groups.items():
+                members.sort(key=lambda i: -len(prompts[i]))  # a batch's prompts of similar lengths
+                samples = generate(
+                    self.model, self.config, batch_size=self.batch_size, prompts=[prompts[i] for i in members],
+                    max_tokens=[max_tokens[i] for i in members], streams=[streams[i] for i in members],
+                    decoding=Decoding(top_p=top_p, temperature=temperature, stop="eos"), seed=self.seed,
+                    on_block=lambda event: bar.update(len(event.finished)),
+                )
+                for i, sample in zip(members, samples):
+                    text = self.tok.decode(sample.tokens[sample.prompt_tokens:])
+                    out[i] = text[: min([text.index(s) for s in stops[i] if s and s in text], default=len(text))]
+                    self.cache_hook.add_partial("generate_until", requests[i].args, out[i])
         return out
 
 

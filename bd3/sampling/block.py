@@ -19,8 +19,15 @@ the KV cache) when it stops. Update rules inside a block:
 Stops, per row: ``eos`` ends a row at its first generated end-of-text token (positions after
 it in the block are no longer denoised); ``entropy`` ends a row whose last 256 tokens have a
 unigram entropy below 4 nats (the paper's rule, checked after each block; as in the
-reference, those last 256 tokens are cut from the sample); ``both``; ``none``. The first ``prompt`` tokens (BOS included) are given: whole prompt blocks are
-written into the KV cache, the rest pre-fills the first block to denoise.
+reference, those last 256 tokens are cut from the sample); ``both``; ``none``.
+
+Prompts: the first tokens of a row (BOS included) are given, the same ``prompt`` for every
+row or one of ``prompts`` per row (rows may also end at different ``max_tokens``). The rows
+share positions (and the KV cache's slots): blocks that every row's prompt covers are
+written into the cache at once; at a later block a row whose prompt still covers it only
+commits it (it draws no random numbers and makes no model call of its own), a row whose
+prompt ends inside it denoises the positions after the prompt, and the other rows the
+whole block. So a row's tokens are those it gets alone, whatever the other rows' prompts.
 """
 
 from __future__ import annotations
@@ -109,16 +116,17 @@ def low_entropy(tokens: torch.Tensor, end: int) -> bool:
     return end > ENTROPY_WINDOW and unigram_entropy(tokens[end - ENTROPY_WINDOW : end]) < ENTROPY_MIN
 
 
-def finished_samples(index, seq, ends, stop, prompt_tokens: int, nfe, seconds: float) -> list[Sample]:
-    """A :class:`Sample` for each row with a stop reason; a row stopped by low entropy loses
-    the low-entropy window (its last ``ENTROPY_WINDOW`` tokens, never the prompt)."""
+def finished_samples(index, seq, ends, stop, prompt_tokens: Sequence[int], nfe, seconds: float) -> list[Sample]:
+    """A :class:`Sample` for each row with a stop reason (``prompt_tokens``: each row's
+    prompt length); a row stopped by low entropy loses the low-entropy window (its last
+    ``ENTROPY_WINDOW`` tokens, never the prompt)."""
     out = []
     for r, why in enumerate(stop):
         if why:
-            end = int(ends[r])
+            end, given = int(ends[r]), int(prompt_tokens[r])
             if why == "entropy":
-                end = max(prompt_tokens, end - ENTROPY_WINDOW)
-            out.append(Sample(index[r], seq[r, :end].tolist(), prompt_tokens, int(nfe[r]), why, seconds))
+                end = max(given, end - ENTROPY_WINDOW)
+            out.append(Sample(index[r], seq[r, :end].tolist(), given, int(nfe[r]), why, seconds))
     return out
 
 
@@ -143,17 +151,57 @@ def checked_prompt(prompt, bos_id: int, device, *, max_tokens: int, length: int)
     return p
 
 
+def sample_indices(samples, batch: int | None, rng: RowRNG | None, prompts) -> list[int]:
+    """Each row's sample index: ``samples``, else 0..n-1 for n = ``batch``, the rows of
+    ``rng`` or the number of ``prompts`` (default 1)."""
+    if samples is not None:
+        return list(samples)
+    for n in (batch, None if rng is None else len(rng), None if prompts is None else len(prompts)):
+        if n is not None:
+            return list(range(n))
+    return [0]
+
+
+def row_prompts(prompt, prompts, rows: int, bos_id: int, device, *, max_tokens, length: int) -> tuple[list[torch.Tensor], list[int]]:
+    """Each row's prompt as a tensor (``prompts``, one per row; else ``prompt`` for every
+    row) and its ``max_tokens`` (one for every row, or one per row), each pair checked by
+    :func:`checked_prompt`."""
+    if prompt is not None and prompts is not None:
+        raise ValueError("give prompt (every row's) or prompts (one per row), not both")
+    ends = [int(n) for n in max_tokens] if isinstance(max_tokens, Sequence) else [int(max_tokens)] * rows
+    shared = prompts is None
+    if shared:
+        prompts = [prompt] * rows
+    if len(prompts) != rows or len(ends) != rows:
+        raise ValueError(f"{len(prompts)} prompts and {len(ends)} max_tokens for a batch of {rows}")
+    if shared and len(set(ends)) == 1:  # one prompt: checked and converted once
+        return [checked_prompt(prompt, bos_id, device, max_tokens=ends[0], length=length)] * rows, ends
+    return [checked_prompt(p, bos_id, device, max_tokens=n, length=length) for p, n in zip(prompts, ends)], ends
+
+
+def prompt_rows(prompts: list[torch.Tensor], width: int, mask_id: int, device) -> torch.Tensor:
+    """(len(prompts), width) token ids: each row its prompt, then masks."""
+    seq = torch.full((len(prompts), width), mask_id, dtype=torch.long, device=device)
+    if all(p is prompts[0] for p in prompts):
+        seq[:, : prompts[0].numel()] = prompts[0]
+    else:
+        for r, p in enumerate(prompts):
+            seq[r, : p.numel()] = p
+    return seq
+
+
 def sample_blocks(
     model,
     *,
     batch: int | None = None,
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     block_size: int,
     length: int,
     mask_id: int,
     bos_id: int = 0,
     eos_id: int | None = None,
     prompt: Sequence[int] | torch.Tensor | None = None,
+    prompts: Sequence[Sequence[int] | torch.Tensor] | None = None,
     seed: int = 0,
     samples: Sequence[int] | None = None,
     rng: RowRNG | None = None,
@@ -169,6 +217,9 @@ def sample_blocks(
     """Generate ``batch`` samples of ``max_tokens`` tokens each (BOS and prompt included,
     fewer for rows that stop), block by block.
 
+    ``prompt``: every row's first tokens (BOS included; default BOS alone); or ``prompts``,
+    one per row (the batch is then their number), and ``max_tokens`` one per row.
+
     ``model``: a DiT (run through the inference :class:`~bd3.sampling.engine.Engine`, or
     ``DiT.hidden_states`` with ``engine=False``), or any denoiser callable (see
     :mod:`bd3.sampling.denoiser`). ``mdlm``: block size = ``length`` with full attention,
@@ -180,9 +231,7 @@ def sample_blocks(
     :class:`~bd3.sampling.threads.ThreadTuner` choose by timing the calls.
     """
     decoding = decoding or Decoding(**decoding_kw)
-    if samples is None:
-        samples = list(range(batch if batch is not None else (len(rng) if rng is not None else 1)))
-    samples = list(samples)
+    samples = sample_indices(samples, batch, rng, prompts)
     B = len(samples)
     rng = rng or RowRNG.for_samples(seed, samples)
     if isinstance(model, torch.nn.Module) or hasattr(model, "hidden"):
@@ -195,62 +244,63 @@ def sample_blocks(
     else:
         den = model if hasattr(model, "commit") else FunctionDenoiser(model)
         device = device or "cpu"
-    p = checked_prompt(prompt, bos_id, device, max_tokens=max_tokens, length=length)
+    prompts, ends = row_prompts(prompt, prompts, B, bos_id, device, max_tokens=max_tokens, length=length)
+    N = max(ends)
     if mdlm:
-        spans = [(0, length)] + [(s, s + block_size) for s in range(length, max_tokens, block_size)]
+        spans = [(0, length)] + [(s, s + block_size) for s in range(length, N, block_size)]
     else:
-        spans = [(s, s + block_size) for s in range(0, max_tokens, block_size)]
+        spans = [(s, s + block_size) for s in range(0, N, block_size)]
     if isinstance(den, ModelDenoiser):
         den.tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
     with torch.inference_mode(), restore_threads():
-        return _run(den, spans, p, B, samples, rng, decoding, max_tokens=max_tokens, mask_id=mask_id,
-                    eos_id=eos_id, on_block=on_block, device=device)
+        return _run(den, spans, prompts, ends, samples, rng, decoding, mask_id=mask_id, eos_id=eos_id,
+                    on_block=on_block, device=device)
 
 
-def _run(den, spans, prompt, B, samples, rng, dec: Decoding, *, max_tokens, mask_id, eos_id, on_block, device) -> list[Sample]:
+def _run(den, spans, prompts, ends, samples, rng, dec: Decoding, *, mask_id, eos_id, on_block, device) -> list[Sample]:
     t0 = time.perf_counter()
-    P, N = prompt.numel(), max_tokens
-    width = spans[-1][1]
-    seq = torch.full((B, width), mask_id, dtype=torch.long, device=device)
-    seq[:, :P] = prompt
+    seq = prompt_rows(prompts, spans[-1][1], mask_id, device)
+    given = torch.tensor([p.numel() for p in prompts])  # each row's prompt length (BOS included)
+    ends = torch.tensor(ends)  # and its max_tokens
     index = list(samples)
-    nfe = torch.zeros(B, dtype=torch.long)
+    nfe = torch.zeros(len(index), dtype=torch.long)
     done: dict[int, Sample] = {}
     use_eos = dec.eos and eos_id is not None
     for bi, (s, e) in enumerate(spans):
-        if e <= P:  # a whole prompt block: into the cache (folded into the next call)
+        if e <= int(given.min()):  # a prompt block for every row: into the cache (folded into the next call)
             den.commit(seq[:, s:e], s)
             continue
-        lo, hi = max(P, s) - s, min(e, N) - s  # positions to generate, within the block
+        W = e - s
+        lo, hi = (given - s).clamp(0, W), (ends - s).clamp_max(W)  # each row's positions to generate, in the block
+        cols = torch.arange(W)
+        made = ((cols >= lo[:, None]) & (cols < hi[:, None])).to(device)
         blk = seq[:, s:e].clone()
-        todo = torch.zeros(blk.shape, dtype=torch.bool, device=device)
-        todo[:, lo:hi] = True
-        _denoise(den, blk, s, todo, rng, nfe, dec, mask_id=mask_id, eos_id=eos_id if use_eos else None)
+        _denoise(den, blk, s, made.clone(), rng, nfe, dec, mask_id=mask_id, eos_id=eos_id if use_eos else None)
         seq[:, s:e] = blk
-        # where each row ends
-        end = torch.full((blk.shape[0],), s + hi, dtype=torch.long)
-        stop = ["length" if s + hi >= N else ""] * blk.shape[0]
+        # where each row ends (a row still in its prompt generated nothing and does not end)
+        end = s + hi
+        stop = ["length" if n <= e else "" for n in ends.tolist()]
         if use_eos:
-            hit = (blk[:, lo:hi] == eos_id).cpu()
+            hit = ((blk == eos_id) & made).cpu()
             rows = hit.any(1).nonzero()[:, 0].tolist()
             for r in rows:
-                end[r] = s + lo + int(hit[r].int().argmax()) + 1
+                end[r] = s + int(hit[r].int().argmax()) + 1
                 stop[r] = "eos"
         if dec.entropy:
-            for r in range(blk.shape[0]):
+            for r in (lo < hi).nonzero()[:, 0].tolist():
                 if stop[r] != "eos" and low_entropy(seq[r], int(end[r])):
                     stop[r] = "entropy"
-        finished = finished_samples(index, seq, end, stop, P, nfe, time.perf_counter() - t0)
+        finished = finished_samples(index, seq, end, stop, given, nfe, time.perf_counter() - t0)
         done.update((smp.index, smp) for smp in finished)
         if on_block is not None:
-            new = blk[:, lo:hi].tolist()
-            new = [row[: int(end[r]) - s - lo] for r, row in enumerate(new)]
+            new = blk.tolist()
+            new = [row[int(lo[r]) : int(end[r]) - s] for r, row in enumerate(new)]
             on_block(BlockEvent(list(index), new, finished))
         if len(finished) == len(index):
             break
         if finished:
             index, keep = surviving_rows(stop, index, rng, device)
-            seq, blk, nfe = seq[keep], blk[keep], nfe[keep.cpu()]
+            seq, blk, nfe, given, ends = seq[keep], blk[keep], nfe[keep.cpu()], given[keep.cpu()], ends[keep.cpu()]
             den.select(keep)
         if bi + 1 < len(spans):
             den.commit(blk, s)
@@ -261,7 +311,9 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
     """Unmask the ``todo`` positions of ``blk`` (B, W) in place by ``dec.rule``."""
     B, W = blk.shape
     device = blk.device
-    draws = rng.uniform(2 * W).to(device)  # per row: W for the order / steps, W for the tokens
+    # per row: W for the order / steps, W for the tokens; none for a row with nothing to do
+    # (a prompt block of its own, which it would skip alone)
+    draws = rng.uniform_where(2 * W, todo.any(1)).to(device)
     order, tok_u = draws[:, :W], draws[:, W:]
     arange = torch.arange(W, device=device)
 

@@ -8,7 +8,9 @@
   steps, the same sliding window beyond the length as MDLM (:mod:`bd3.sampling.sedd`).
 
 Sample ``i`` draws its random numbers from ``(seed, i)`` whatever the batch size, so the
-same seed gives the same samples with any ``batch_size``.
+same seed gives the same samples with any ``batch_size``. Samples share one ``prompt``, or
+each has its own (``prompts``, with ``max_tokens`` one per sample): a sample's tokens then
+do not depend on the prompts of the others in its batch either.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bd3.runtime import MODEL_PRECISIONS, autocast
 from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
 from bd3.sampling.denoiser import backend_for
+from bd3.sampling.rng import RowRNG
 from bd3.sampling.sedd import sample_sedd
 from bd3.sampling.threads import ThreadTuner
 
@@ -43,8 +46,10 @@ def generate(
     *,
     num_samples: int = 1,
     batch_size: int | None = None,
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     prompt: Sequence[int] | None = None,
+    prompts: Sequence[Sequence[int]] | None = None,
+    streams: Sequence[int] | None = None,
     block_size: int | None = None,
     decoding: Decoding | None = None,
     kv_cache: bool = True,
@@ -55,9 +60,21 @@ def generate(
     on_block: Callable[[BlockEvent], None] | None = None,
 ) -> list[Sample]:
     """``num_samples`` samples from ``model`` (a DiT) of a run with ``config`` (RunConfig).
-    ``precision``: fp32; bf16 (the engine's linear layers in bf16; SEDD's DiT under bf16
-    autocast); fp16 (the engine's linear weights in float16, x86 CPUs; not for SEDD)."""
+
+    ``prompt``: every sample's first tokens (BOS included; default BOS alone); or
+    ``prompts``, one per sample (``num_samples`` is then their number), with ``max_tokens``
+    an int or one per sample. ``streams``: sample i draws from ``(seed, streams[i])``
+    instead of ``(seed, i)``. ``precision``: fp32; bf16 (the engine's linear layers in bf16;
+    SEDD's DiT under bf16 autocast); fp16 (the engine's linear weights in float16, x86 CPUs;
+    not for SEDD)."""
     decoding = decoding or Decoding()
+    if prompts is not None:
+        if prompt is not None:
+            raise ValueError("give prompt (every sample's) or prompts (one per sample), not both")
+        num_samples = len(prompts)
+    for name, per_sample in (("max_tokens", max_tokens), ("streams", streams)):
+        if isinstance(per_sample, Sequence) and len(per_sample) != num_samples:
+            raise ValueError(f"{name} has {len(per_sample)} entries for {num_samples} samples")
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
     # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
@@ -66,21 +83,24 @@ def generate(
     backend = model if algo == "sedd" else backend_for(model, engine, precision)
     device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
     threads = ThreadTuner(threads, device)  # so is what it learnt about threads
-    batch_size = min(batch_size or num_samples, num_samples)
-    prompt = list(prompt) if prompt is not None else [data.start_id]
-    common = dict(max_tokens=max_tokens, length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id,
-                  prompt=prompt, seed=seed, decoding=decoding, on_block=on_block, threads=threads)
+    batch_size = max(min(batch_size or num_samples, num_samples), 1)
+    if prompts is None:
+        prompt = list(prompt) if prompt is not None else [data.start_id]
+    common = dict(length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id, prompt=prompt, seed=seed,
+                  decoding=decoding, on_block=on_block, threads=threads)
     out: list[Sample] = []
     for first in range(0, num_samples, batch_size):
         samples = list(range(first, min(first + batch_size, num_samples)))
+        common.update(samples=samples, max_tokens=[max_tokens[i] for i in samples] if isinstance(max_tokens, Sequence) else max_tokens,
+                      prompts=None if prompts is None else [prompts[i] for i in samples],
+                      rng=None if streams is None else RowRNG.for_samples(seed, [streams[i] for i in samples]))
         if algo == "ar":
-            out += sample_ar(backend, samples=samples, **common)
+            out += sample_ar(backend, **common)
         elif algo == "sedd":
             with autocast(device, precision):
-                out += sample_sedd(backend, samples=samples, schedule=config.diffusion.schedule, **common)
+                out += sample_sedd(backend, schedule=config.diffusion.schedule, **common)
         elif algo == "mdlm":
-            out += sample_blocks(backend, samples=samples, block_size=max(L // 2, 1), mdlm=True, **common)
+            out += sample_blocks(backend, block_size=max(L // 2, 1), mdlm=True, **common)
         else:
-            out += sample_blocks(backend, samples=samples, block_size=block_size or config.diffusion.block_size,
-                                 kv_cache=kv_cache, **common)
+            out += sample_blocks(backend, block_size=block_size or config.diffusion.block_size, kv_cache=kv_cache, **common)
     return out

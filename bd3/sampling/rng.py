@@ -44,6 +44,17 @@ class RowRNG:
             return torch.empty(0, n, dtype=torch.float64)
         return torch.stack([torch.rand(n, generator=self.generators[r], dtype=torch.float64) for r in rows])
 
+    def uniform_where(self, n: int, busy: torch.Tensor) -> torch.Tensor:
+        """``n`` draws for each row where the boolean ``busy`` (len(self),) is true, zeros for
+        the others, which draw nothing (so their later draws are as if they had sat out):
+        (len(self), n)."""
+        busy = busy.cpu()
+        if busy.all():
+            return self.uniform(n)
+        out = torch.zeros(len(busy), n, dtype=torch.float64)
+        out[busy] = self.uniform(n, busy.nonzero()[:, 0].tolist())
+        return out
+
     def uniform_each(self, rows: Sequence[int]) -> torch.Tensor:
         """One draw per entry of ``rows`` (a row may repeat; its draws come in order): (len(rows),)."""
         out = torch.empty(len(rows), dtype=torch.float64)

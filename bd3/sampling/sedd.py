@@ -13,7 +13,10 @@ Beyond the model length a window of ``length`` tokens slides by half of it, as M
 semi-autoregressive stride: each window keeps the previous half as clean context and
 denoises the new half. Rows keep their own random numbers (:mod:`bd3.sampling.rng`) and
 stop rules: ``eos`` cuts a sample after its first generated end-of-text token, ``entropy``
-ends it after the window in which its last 256 tokens fell below 4 nats.
+ends it after the window in which its last 256 tokens fell below 4 nats. Rows may have
+prompts of their own and their own ``max_tokens``; each then runs its own grid (T steps
+over the positions it generates, its own time input) and draws only at its own steps, so
+its tokens are those it gets alone.
 
 The score model is a DiT or any callable ``fn(x, sigma, rows, pos) -> logits (N, V)``:
 the tokens (B, W), the time input (B,), and N (row, position) pairs whose output is wanted.
@@ -28,7 +31,17 @@ import torch
 
 from bd3.diffusion.schedules import get_schedule
 from bd3.diffusion.sedd import log_total_score, total_noise, unmask_prob
-from bd3.sampling.block import BlockEvent, Decoding, Sample, checked_prompt, finished_samples, low_entropy, surviving_rows
+from bd3.sampling.block import (
+    BlockEvent,
+    Decoding,
+    Sample,
+    finished_samples,
+    low_entropy,
+    prompt_rows,
+    row_prompts,
+    sample_indices,
+    surviving_rows,
+)
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import draw, subs_weights
 from bd3.sampling.threads import ThreadTuner, restore_threads
@@ -51,14 +64,16 @@ def sample_sedd(
     model,
     *,
     batch: int | None = None,
-    max_tokens: int,
+    max_tokens: int | Sequence[int],
     length: int,
     mask_id: int,
     bos_id: int = 0,
     eos_id: int | None = None,
     prompt: Sequence[int] | torch.Tensor | None = None,
+    prompts: Sequence[Sequence[int] | torch.Tensor] | None = None,
     seed: int = 0,
     samples: Sequence[int] | None = None,
+    rng: RowRNG | None = None,
     decoding: Decoding | None = None,
     schedule: str = "linear",
     on_block: Callable[[BlockEvent], None] | None = None,
@@ -72,83 +87,86 @@ def sample_sedd(
     gets a :class:`BlockEvent` after every window. Other arguments as
     :func:`bd3.sampling.block.sample_blocks`."""
     decoding = decoding or Decoding(**decoding_kw)
-    samples = list(samples) if samples is not None else list(range(batch or 1))
+    samples = sample_indices(samples, batch, rng, prompts)
+    rng = rng or RowRNG.for_samples(seed, samples)
     if isinstance(model, torch.nn.Module):
         device = device or model.vocab_embed.embedding.device
         model = ModelScores(model)
     device = device or "cpu"
-    p = checked_prompt(prompt, bos_id, device, max_tokens=max_tokens, length=length)
+    prompts, ends = row_prompts(prompt, prompts, len(samples), bos_id, device, max_tokens=max_tokens, length=length)
     stride = max(length // 2, 1)
-    spans = [(0, length)] + [(s, s + stride) for s in range(length, max_tokens, stride)]
+    spans = [(0, length)] + [(s, s + stride) for s in range(length, max(ends), stride)]
     tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
     with torch.inference_mode(), restore_threads():
-        return _run(model, spans, p, samples, RowRNG.for_samples(seed, samples), decoding, get_schedule(schedule),
-                    length=length, max_tokens=max_tokens, mask_id=mask_id, eos_id=eos_id, on_block=on_block,
-                    device=device, tuner=tuner)
+        return _run(model, spans, prompts, ends, samples, rng, decoding, get_schedule(schedule), length=length,
+                    mask_id=mask_id, eos_id=eos_id, on_block=on_block, device=device, tuner=tuner)
 
 
-def _run(score, spans, prompt, samples, rng, dec: Decoding, schedule, *, length, max_tokens, mask_id, eos_id, on_block,
+def _run(score, spans, prompts, ends, samples, rng, dec: Decoding, schedule, *, length, mask_id, eos_id, on_block,
          device, tuner) -> list[Sample]:
     t0 = time.perf_counter()
-    P, N, B = prompt.numel(), max_tokens, len(samples)
-    seq = torch.full((B, spans[-1][1]), mask_id, dtype=torch.long, device=device)
-    seq[:, :P] = prompt
+    seq = prompt_rows(prompts, spans[-1][1], mask_id, device)
+    given = torch.tensor([p.numel() for p in prompts])  # each row's prompt length (BOS included)
+    ends = torch.tensor(ends)  # and its max_tokens
     index = list(samples)
-    nfe = torch.zeros(B, dtype=torch.long)
+    nfe = torch.zeros(len(index), dtype=torch.long)
     done: dict[int, Sample] = {}
     for s, e in spans:
-        lo, hi = max(P, s), min(e, N)  # absolute positions generated in this window
-        if lo >= hi:
-            continue
+        # absolute positions each row generates in this window (a prompt is shorter than the
+        # first window, and a row ending before a window has left the batch)
+        lo, hi = given.clamp_min(s), ends.clamp_max(e)
         w0 = max(e - length, 0)
         window = seq[:, w0:e].clone()
-        todo = torch.zeros(window.shape, dtype=torch.bool, device=device)
-        todo[:, lo - w0 : hi - w0] = True
-        denoise(score, window, todo, rng, nfe, dec, schedule, mask_id=mask_id, tuner=tuner)
+        cols = torch.arange(w0, e)
+        made = ((cols >= lo[:, None]) & (cols < hi[:, None])).to(device)
+        denoise(score, window, made.clone(), rng, nfe, dec, schedule, mask_id=mask_id, tuner=tuner)
         seq[:, w0:e] = window
-        end = torch.full((len(index),), hi, dtype=torch.long)
-        stop = ["length" if hi >= N else ""] * len(index)
+        end = hi.clone()
+        stop = ["length" if n <= e else "" for n in ends.tolist()]
         if dec.eos and eos_id is not None:
-            hit = (seq[:, lo:hi] == eos_id).cpu()
+            hit = ((window == eos_id) & made).cpu()
             for r in hit.any(1).nonzero()[:, 0].tolist():
-                end[r], stop[r] = lo + int(hit[r].int().argmax()) + 1, "eos"
+                end[r], stop[r] = w0 + int(hit[r].int().argmax()) + 1, "eos"
         if dec.entropy:
             for r in range(len(index)):
                 if stop[r] != "eos" and low_entropy(seq[r], int(end[r])):
                     stop[r] = "entropy"
-        finished = finished_samples(index, seq, end, stop, P, nfe, time.perf_counter() - t0)
+        finished = finished_samples(index, seq, end, stop, given, nfe, time.perf_counter() - t0)
         done.update((smp.index, smp) for smp in finished)
         if on_block is not None:
-            on_block(BlockEvent(list(index), [seq[r, lo : int(end[r])].tolist() for r in range(len(index))], finished))
+            on_block(BlockEvent(list(index), [seq[r, int(lo[r]) : int(end[r])].tolist() for r in range(len(index))], finished))
         if len(finished) == len(index):
             break
         if finished:
             index, keep = surviving_rows(stop, index, rng, device)
-            seq, nfe = seq[keep], nfe[keep.cpu()]
+            seq, nfe, given, ends = seq[keep], nfe[keep.cpu()], given[keep.cpu()], ends[keep.cpu()]
     return [done[i] for i in samples]
 
 
 def denoise(score, x: torch.Tensor, todo: torch.Tensor, rng: RowRNG, nfe: torch.Tensor, dec: Decoding, schedule, *,
             mask_id: int, tuner: ThreadTuner | None = None) -> None:
     """Unmask the ``todo`` positions of ``x`` (B, W) in place: T analytic steps from t = 1
-    to 0 (T = ``dec.steps``, default the positions to generate per row)."""
+    to 0 (T = ``dec.steps``, default the positions a row generates: then per row, each row
+    on its own grid)."""
     B, W = x.shape
-    T = dec.steps or int(todo.sum(1).max())
+    T = torch.full((B,), dec.steps, dtype=torch.float64) if dec.steps else todo.sum(1).cpu().double()
     tuner = tuner or ThreadTuner(1)
-    for i in range(T):
-        t, s = 1.0 - i / T, 1.0 - (i + 1) / T
-        p_t, p_s = (float(v) for v in schedule.mask_prob(torch.tensor([t, max(s, 0.0)], dtype=torch.float64)))
+    for i in range(int(T.max())):
+        t, s = (1.0 - i / T).clamp_min(0.0), (1.0 - (i + 1) / T).clamp_min(0.0)
+        p_t, p_s = schedule.mask_prob(t), schedule.mask_prob(s)
+        last = (i == T - 1).to(x.device)
         masked = todo & (x == mask_id)
-        # every row draws 2W numbers at every step, so its samples do not depend on the others
-        u = rng.uniform(2 * W).to(x.device)
+        # every row draws 2W numbers at each of its steps, so its samples do not depend on the others
+        u = rng.uniform_where(2 * W, i < T).to(x.device)
         if not masked.any():
             continue
         rows, pos = masked.nonzero(as_tuple=True)
-        sigma = total_noise(torch.full((B,), p_t, dtype=torch.float64)).float().to(x.device)
+        sigma = total_noise(p_t).float().to(x.device)
         with tuner.call():
             logits = score(x, sigma, rows, pos)
         nfe[torch.unique(rows).cpu()] += 1
-        go = u[rows, pos] < (unmask_prob(log_total_score(logits, mask_id), p_t, p_s) if i < T - 1 else 1.0)
+        rate = unmask_prob(log_total_score(logits, mask_id), p_t.to(x.device)[rows], p_s.to(x.device)[rows])
+        go = u[rows, pos] < torch.where(last[rows], 1.0, rate)
         if not go.any():
             continue
         rows, pos = rows[go], pos[go]
