@@ -119,18 +119,19 @@ Clip = Annotated[
 
 # -- sampling: `bd3 sample`, and `bd3 eval --gen-ppl`, which generates its samples the same way
 
-def _check_train_estimator(value: str) -> str:
-    if value not in TRAIN_ESTIMATORS:
+def _check_train_estimator(value: str | None) -> str | None:
+    if value is not None and value not in TRAIN_ESTIMATORS:
         raise typer.BadParameter(f"{value!r} is not one of {', '.join(TRAIN_ESTIMATORS)}.")
     return value
 
 
 TrainEstimator = Annotated[
-    str,
+    Optional[str],
     typer.Option(
-        "--estimator", callback=_check_train_estimator,
-        help="Training NELBO estimator: k (draw the number k of masked tokens per block, weight n/k: unbiased, weights at most n) "
-        "or t (the paper's: t per block, weight p'(t)/p(t), up to 1000). --clip bounds the mask rate k/n or p(t).",
+        "--estimator", callback=_check_train_estimator, show_default=False,
+        help="Training NELBO estimator: k (draw the number k of masked tokens per block, weight n/k: unbiased, weights at most n; "
+        "the default) or t (the paper's: t per block, weight p'(t)/p(t), up to 1000; SEDD's default, the only one for SEDD). "
+        "--clip bounds the mask rate k/n or p(t).",
     ),
 ]
 

@@ -13,7 +13,7 @@ from typing import Annotated, Optional
 import typer
 
 from bd3.cli import options as o
-from bd3.config import ALGOS, DEFAULT_TRAIN_ESTIMATOR, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
+from bd3.config import ALGOS, MODEL_PRESETS, DataConfig, DiffusionConfig, RunConfig, TrainConfig, model_config
 from bd3.errors import Bd3Error
 
 Steps = Annotated[
@@ -92,7 +92,7 @@ def pretrain(
     resample: Resample = False,
     schedule: Schedule = "linear",
     weighting: Weighting = "elbo",
-    estimator: o.TrainEstimator = DEFAULT_TRAIN_ESTIMATOR,
+    estimator: o.TrainEstimator = None,
     clip_search: ClipSearch = False,
     fix_clip: FixClip = False,
     variance: Variance = "paper",
@@ -100,7 +100,7 @@ def pretrain(
     batch_size: BatchSize = 16,
     global_batch_size: GlobalBatchSize = None,
     lr: Lr = 1e-3,
-    warmup_steps: Warmup = 100,
+    warmup_steps: Warmup = 10,
     out: Out = None,
     force: o.Force = False,
     seed: o.Seed = 1,
@@ -176,7 +176,7 @@ def finetune(
     resample: Resample = False,
     schedule: Annotated[Optional[str], typer.Option(help="Noise schedule (see pretrain). Default: the parent's.", show_default=False)] = None,
     weighting: Annotated[Optional[str], typer.Option(help="Loss reweighting (see pretrain). Default: the parent's.", show_default=False)] = None,
-    estimator: o.TrainEstimator = DEFAULT_TRAIN_ESTIMATOR,
+    estimator: o.TrainEstimator = None,
     clip_search: ClipSearch = False,
     fix_clip: FixClip = False,
     variance: Variance = "paper",
