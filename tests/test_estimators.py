@@ -240,3 +240,29 @@ def test_mask_tokens_in_x0_are_unknown_context_not_targets(tiny_model):
             assert torch.isfinite(row_nelbo(tiny_model, x, cfg, MASK, est, maskable=scored, generator=torch.Generator().manual_seed(0))).all()
         brute = brute_force_nelbo(tiny_model, x, 4, MASK, scored=scored[0])
     torch.testing.assert_close(exact / 9, brute / 9, atol=1e-5, rtol=0)
+
+
+def test_evaluation_gives_every_block_every_level_and_keeps_the_batch_stratified():
+    """Over fixed rows the paper's fixed stratum order would give row 0 the lowest levels in
+    every pass (its estimate then never averages over k); evaluation shuffles the strata:
+    each block's count is uniform on 1..m over passes, and each pass still draws the batch's
+    levels stratified."""
+    from bd3.diffusion.noise import sample_t
+
+    g = torch.Generator().manual_seed(0)
+    maskable = maskable_positions((8, 8), True)  # block 4: a row's first block has 3 maskable tokens, the second 4
+    passes = 800
+    counts = torch.zeros(8, 2, 5)
+    for _ in range(passes):
+        masked, _, _ = draw_counts(maskable, 4, generator=g, shuffle=True)
+        k = masked.view(8, 2, 4).sum(-1)
+        counts.scatter_add_(2, k[..., None], torch.ones(8, 2, 1))
+    for block, m in ((0, 3), (1, 4)):
+        observed = counts[:, block, 1 : m + 1]
+        expected = passes / m
+        chi2 = ((observed - expected) ** 2 / expected).sum(-1)  # per row, m - 1 degrees of freedom
+        assert (chi2 < 20).all(), chi2  # P(chi2 with 3 dof > 20) < 2e-4
+    fixed, _, _ = draw_counts(maskable, 4, generator=g)
+    assert fixed.view(8, 2, 4)[0].sum(-1).tolist() == [1, 1]  # the training sampler: row 0 at the lowest level
+    u = sample_t(8, 4, (0.0, 1.0), generator=g, shuffle=True)
+    assert torch.equal(torch.sort((u.flatten() * 32).floor()).values, torch.arange(32.0))

@@ -110,11 +110,13 @@ def draw_counts(
     *,
     generator: torch.Generator | None = None,
     antithetic: bool = True,
+    shuffle: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The ``k`` estimator's noise: ``(masked, weight, rate)``, each (B, L).
 
     Per block, k uniform on the counts ``clip`` allows (stratified over the B * n_blocks
-    blocks with ``antithetic``), then a uniform subset of k maskable positions. ``weight`` is
+    blocks with ``antithetic``, the strata given in a random order with ``shuffle``; see
+    :func:`~bd3.diffusion.noise.sample_t`), then a uniform subset of k maskable positions. ``weight`` is
     m / k on every token of the block (float64), ``rate`` the block's mask rate k / m
     (float64; 0 where a block has nothing to mask)."""
     B, L = maskable.shape
@@ -122,7 +124,7 @@ def draw_counts(
     blocks = maskable.view(B, nb, n)
     m = blocks.sum(-1)
     lo, hi = count_range(m, clip)
-    u = sample_t(B, nb, (0.0, 1.0), generator=generator, antithetic=antithetic, device=maskable.device).double()
+    u = sample_t(B, nb, (0.0, 1.0), generator=generator, antithetic=antithetic, shuffle=shuffle, device=maskable.device).double()
     k = torch.minimum(lo + torch.floor(u * (hi - lo + 1)).long(), hi) * (m > 0)
     scores = torch.rand(B, nb, n, generator=generator, device=maskable.device).masked_fill(~blocks, 2.0)
     rank = scores.argsort(-1).argsort(-1)

@@ -15,19 +15,24 @@ def sample_t(
     *,
     generator: torch.Generator | None = None,
     antithetic: bool = True,
+    shuffle: bool = False,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
     """t ~ U[lo, hi] per (sequence, block), shape (batch, n_blocks), float32.
 
     With ``antithetic`` the B * n_blocks draws are stratified: draw k lies in the k-th of
     B * n_blocks equal strata of [0, 1) before rescaling (the paper's low-discrepancy
-    sampler, Suppl. C.4).
+    sampler, Suppl. C.4). That fixed order is harmless in training, whose rows are shuffled,
+    but over fixed rows it would give row 0 the lowest stratum in every pass; ``shuffle``
+    gives the strata to the blocks in a random order instead, so each block's t is uniform
+    on [lo, hi] while the batch's draws stay stratified (evaluation).
     """
     beta, omega = clip
     u = torch.rand(batch, n_blocks, generator=generator, device=device)
     if antithetic:
         n = batch * n_blocks
-        offsets = torch.arange(n, device=device, dtype=u.dtype).view(batch, n_blocks)
+        order = torch.randperm(n, generator=generator, device=device) if shuffle else torch.arange(n, device=device)
+        offsets = order.to(u.dtype).view(batch, n_blocks)
         u = (u / n + offsets / n) % 1.0
     return u * (omega - beta) + beta
 

@@ -122,6 +122,7 @@ def draw_noise(
     resample: bool,
     estimator: str = "t",
     maskable: torch.Tensor | None = None,
+    shuffle: bool = False,
     generator: torch.Generator | None = None,
 ) -> Noise:
     """The noise of estimator ``t`` (t per block, each token masked with probability p(t),
@@ -130,17 +131,19 @@ def draw_noise(
     a given BOS).
 
     ``clip`` bounds the mask rate (never below ``T_MIN`` for ``t``); t is drawn from the range
-    that the schedule maps onto it. ``resample`` applies to ``t`` (a count is exact)."""
+    that the schedule maps onto it. ``resample`` applies to ``t`` (a count is exact).
+    ``shuffle``: the stratified draws go to the blocks in a random order (evaluation over
+    fixed rows; see :func:`~bd3.diffusion.noise.sample_t`)."""
     B, L = x0.shape
     block_size = block_size_of(cfg, L)
     if estimator == "k":
         if maskable is None:
             maskable = maskable_positions((B, L), cfg.ignore_bos, x0.device)
-        masked, weight, rate = draw_counts(maskable, block_size, clip, generator=generator, antithetic=cfg.antithetic)
+        masked, weight, rate = draw_counts(maskable, block_size, clip, generator=generator, antithetic=cfg.antithetic, shuffle=shuffle)
         return Noise.masking(x0, masked, mask_id, weight, rate)
     schedule = get_schedule(cfg.schedule)
     t_range = schedule.t_range((max(clip[0], T_MIN), max(clip[1], T_MIN)))
-    t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, device=x0.device)
+    t = sample_t(B, L // block_size, t_range, generator=generator, antithetic=cfg.antithetic, shuffle=shuffle, device=x0.device)
     t_tok = t.repeat_interleave(block_size, dim=1).double()
     rate = schedule.mask_prob(t_tok)
     if resample:
@@ -217,7 +220,8 @@ def row_nelbo(
         return (ar_loss(model, x0, mask_id).token_loss.double() * maskable).sum(1)
     if estimator == "exact":
         return exact_nelbo(model, x0, cfg, mask_id, maskable)[0]
-    noise = draw_noise(x0, cfg, mask_id, clip=FULL_CLIP, resample=False, estimator=estimator, maskable=maskable, generator=generator)
+    noise = draw_noise(x0, cfg, mask_id, clip=FULL_CLIP, resample=False, estimator=estimator, maskable=maskable, shuffle=True,
+                       generator=generator)
     return loss_given_noise(model, x0, noise, cfg, mask_id).token_loss.double().sum(1)
 
 
