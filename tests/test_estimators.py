@@ -202,6 +202,7 @@ def test_k_training_loss_is_an_unbiased_nelbo_and_trains(tiny_model):
 def test_resolve_estimator_defaults_and_refusals():
     assert resolve_estimator("bd3lm", 16, None) == "k" and resolve_estimator("mdlm", 128, None) == "k"
     assert resolve_estimator("ar", 1, None) == "exact" and resolve_estimator("sedd", 128, None) == "t"
+    assert resolve_estimator("bd3lm", 1, None) == "exact"  # one mask pattern per block: no Monte Carlo, standard error 0
     assert resolve_estimator("bd3lm", EXACT_MAX_BLOCK, "exact") == "exact"
     with pytest.raises(Bd3Error, match="estimator k"):
         resolve_estimator("bd3lm", 16, "exact")

@@ -137,7 +137,8 @@ def draw_counts(
 
 def resolve_estimator(algo: str, block_size: int, requested: str | None) -> str:
     """The evaluation estimator of a run: ``requested``, checked, or the default (``k`` for
-    BD3-LM and MDLM, ``t`` for SEDD, ``exact`` for AR, whose likelihood is exact)."""
+    BD3-LM and MDLM, ``t`` for SEDD, ``exact`` for AR, whose likelihood is exact, and for
+    BD3-LM at block size 1, whose one mask pattern per block makes it one pass, like k)."""
     if requested is not None and requested not in ESTIMATORS:
         raise Bd3Error(f"Unknown estimator {requested!r}; choose one of {', '.join(ESTIMATORS)}.")
     if algo == "ar":
@@ -152,4 +153,4 @@ def resolve_estimator(algo: str, block_size: int, requested: str | None) -> str:
     if requested == "exact" and block_size > EXACT_MAX_BLOCK:
         raise Bd3Error(f"--estimator exact enumerates 2^{block_size} - 1 mask patterns at block size {block_size}; it is practical "
                        f"up to block size {EXACT_MAX_BLOCK}. Use --estimator k (unbiased, low variance) instead.")
-    return requested or "k"
+    return requested or ("exact" if block_size == 1 else "k")
