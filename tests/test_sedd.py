@@ -205,7 +205,7 @@ def test_cli_pretrain_eval_sample(tmp_path, monkeypatch, capsys):
     result = json.loads(out)
     assert result["bound"] and result["algo"] == "sedd" and result["ppl"] > 1
 
-    args = ("sample", "s", "--max-tokens", 40, "--steps", 3, "--num-samples", 2, "--format", "jsonl", "--device", "cpu")
+    args = ("sample", "s", "--max-tokens", 40, "--denoise-steps", 3, "--num-samples", 2, "--format", "jsonl", "--device", "cpu")
     code, out, err = bd3(*args)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]

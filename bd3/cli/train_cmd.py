@@ -76,6 +76,8 @@ Logger = Annotated[
         "With --resume: default, the run's own.", callback=_check_loggers, show_default=False, metavar="<tensorboard|wandb>",
     ),
 ]
+PretrainPrecision = o.precision("pretrain", o.TRAIN_PRECISION_HELP)
+FinetunePrecision = o.precision("finetune", o.TRAIN_PRECISION_HELP)
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
 
@@ -105,7 +107,7 @@ def pretrain(
     force: o.Force = False,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: o.Precision = "auto",
+    precision: PretrainPrecision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
@@ -189,7 +191,7 @@ def finetune(
     force: o.Force = False,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: o.Precision = "auto",
+    precision: FinetunePrecision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
@@ -209,8 +211,8 @@ def finetune(
     Examples:
 
     \b
-      bd3 finetune --block-size 4 --clip 0.45 0.95    # the newest run under ./runs
-      bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3 0.8 --steps 2000 --out runs/owt-bs16
+      bd3 finetune --block-size 4 --clip 0.45,0.95    # the newest run under ./runs
+      bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3,0.8 --steps 2000 --out runs/owt-bs16
       bd3 finetune --block-size 4 --clip-search           # pick the clip interval from data as it trains
       bd3 finetune --block-size 16 --schedule cosine --weighting sigmoid:k=0
       bd3 finetune --resume --out runs/owt-bs16
