@@ -26,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-from bd3.cli.common import open_run, run_shards
+from bd3.runs.load import open_run, run_shards
 from bd3.data.shards import unigram_perplexity
 from bd3.evaluate.baselines import bigram_perplexity
 

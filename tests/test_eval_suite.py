@@ -18,7 +18,7 @@ import pytest
 import torch
 from rich.console import Console
 
-from bd3.cli.common import shards_for
+from bd3.runs.load import shards_for
 from bd3.cli.main import main
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
 from bd3.data.tokenizer import load_tokenizer

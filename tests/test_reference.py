@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers.models import WordLevel
 
-from bd3.cli.common import load_model
+from bd3.runs.load import load_model
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig
 from bd3.diffusion.loss import subs_log_probs

@@ -67,7 +67,8 @@ def export_command(
       bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4-bf16 --precision bf16
       hf upload my-name/bd3lm-owt-bs4 exported/bd3lm-owt-bs4    # share it on the hub
     """
-    from bd3.cli.common import err, open_run
+    from bd3.cli.common import err
+    from bd3.runs.load import open_run
     from bd3.runs.hf import export_checkpoint
 
     path = export_checkpoint(open_run(run), out, precision=precision, force=force)

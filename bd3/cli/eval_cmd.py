@@ -196,7 +196,8 @@ def evaluate(
     names, data = _zero_shot_names(zero_shot, data)
     if names and split != "valid":
         raise typer.BadParameter("applies to the run's own data; --zero-shot evaluates other text whole.", param_hint="--split")
-    from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
+    from bd3.cli.common import print_table
+    from bd3.runs.load import load_model, open_run, run_shards, run_tokenizer
     from bd3.diffusion.estimators import resolve_estimator
     from bd3.evaluate.perplexity import nelbo_perplexity
     from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
@@ -379,8 +380,9 @@ def variance(
     intervals = [FULL_CLIP if c == (0.0, 1.0) else c for c in clip] if clip else None  # [0, 1]: the bound's interval
     if plot is not None:
         _pyplot()  # fail before the work if matplotlib is missing
-    from bd3.cli.common import err, load_model, open_run, print_table, run_shards
-    from bd3.evaluate.variance import nelbo_variance, variance_key
+    from bd3.cli.common import err, print_table
+    from bd3.runs.load import load_model, open_run, run_shards
+    from bd3.evaluate.variance import lowest_variance, nelbo_variance
     from bd3.model.backends import resolve_attn
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
@@ -397,8 +399,7 @@ def variance(
         model, rows, cfg.diffusion, cfg.data.mask_id, intervals, schedules=schedules, batch_size=batch_size,
         max_batches=max_batches, seed=seed, device=dev, precision=resolve_precision(precision, dev),
     )
-    best = min(results, key=lambda x: x[variance_key(kind, "t")])
-    best_k = min(results, key=lambda x: x[variance_key(kind, "k")])
+    best, best_k = lowest_variance(results, kind, "t"), lowest_variance(results, kind, "k")
     for x in results:
         x["interval"] = f"[{x['beta']:g}, {x['omega']:g}]" + ("  <- lowest" if x is best else "")
         x["best"] = x is best
@@ -427,7 +428,8 @@ GEN_PPL_ROWS = (
 def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, num_samples, batch_size,
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
-    from bd3.cli.common import load_model, open_run, print_table, run_tokenizer
+    from bd3.cli.common import print_table
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.evaluate.gen_ppl import GenSample, generative_perplexity, read_samples
     from bd3.model.backends import resolve_attn
     from bd3.runs.records import save_eval_record
@@ -464,7 +466,7 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
 
 def _judge(spec: str, device, precision: str):
     """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
-    from bd3.cli.common import load_model, open_run, run_tokenizer
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.evaluate.gen_ppl import RunJudge, load_hf_judge
 
     path = Path(spec)
@@ -503,6 +505,8 @@ def _plot(results: list[dict], kind: str, path: Path) -> None:
     """One panel per schedule: each interval a square at (beta, omega), coloured by log variance."""
     import numpy as np
 
+    from bd3.evaluate.variance import lowest_variance
+
     plt = _pyplot()
     schedules = list(dict.fromkeys(r["schedule"] for r in results))
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.5 * len(schedules), 4), squeeze=False)
@@ -510,7 +514,7 @@ def _plot(results: list[dict], kind: str, path: Path) -> None:
         rows = [r for r in results if r["schedule"] == name]
         values = np.log10([max(r[f"var_{kind}"], 1e-12) for r in rows])
         points = ax.scatter([r["beta"] for r in rows], [r["omega"] for r in rows], c=values, marker="s", s=120, cmap="viridis")
-        best = min(rows, key=lambda r: r[f"var_{kind}"])
+        best = lowest_variance(rows, kind, "t")
         ax.scatter([best["beta"]], [best["omega"]], marker="o", s=200, facecolors="none", edgecolors="red")
         ax.set(xlabel="beta (lowest mask rate)", ylabel="omega (highest mask rate)", title=name, xlim=(-0.03, 0.55), ylim=(0.45, 1.03))
         fig.colorbar(points, ax=ax, label=f"log10 Var ({kind})")

@@ -143,7 +143,8 @@ def pretrain(
     _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
-    from bd3.cli.common import err, shards_for
+    from bd3.cli.common import err
+    from bd3.runs.load import shards_for
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
     from bd3.runtime import resolve_device, use_threads
@@ -220,7 +221,8 @@ def finetune(
     _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
-    from bd3.cli.common import err, open_run, run_shards
+    from bd3.cli.common import err
+    from bd3.runs.load import open_run, run_shards
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
     from bd3.runtime import resolve_device, use_threads
@@ -267,7 +269,8 @@ RESUMABLE = ("steps", "out", "resume", "device", "attn", "compile_", "fsdp", "th
 def _resume(ctx: typer.Context) -> None:
     """Continue the run named by --out from its newest complete checkpoint, with its own
     config and data; only the options in RESUMABLE may differ from that config."""
-    from bd3.cli.common import err, open_run, run_shards
+    from bd3.cli.common import err
+    from bd3.runs.load import open_run, run_shards
     from bd3.runtime import use_threads
     from bd3.train import train
 

@@ -73,3 +73,10 @@ def nelbo_variance(
 def variance_key(kind: str, estimator: str) -> str:
     """The result key of a variance (``paper`` or ``block``) of a training estimator."""
     return f"var_{kind}" + ("_k" if estimator == "k" else "")
+
+
+def lowest_variance(results: list[dict], kind: str, estimator: str) -> dict:
+    """The result (one interval's row of :func:`nelbo_variance`) whose variance ``kind`` of the
+    training ``estimator`` is lowest; ties: the first. The clip search's choice."""
+    key = variance_key(kind, estimator)
+    return min(results, key=lambda row: row[key])
