@@ -16,11 +16,11 @@ from tokenizers.models import WordLevel
 from bd3.runs.load import load_model
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig
-from bd3.diffusion.loss import subs_log_probs
 from bd3.diffusion.objective import Noise, denoiser_hidden, nelbo
 from bd3.errors import Bd3Error
 from bd3.runs.hf import import_checkpoint
 from bd3.sampling.block import commit_block, denoise_block
+from tests.subs import subs_log_probs
 
 ATOL = 1e-4
 
