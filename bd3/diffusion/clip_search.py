@@ -1,4 +1,4 @@
-"""The data-driven clip search (paper §5.2; reference §3.3): score a grid of mask-rate
+"""The data-driven clip search (paper §5.2; the reference code kuleshov-group/bd3lms does the same): score a grid of mask-rate
 intervals [beta, omega] by the variance of the NELBO estimate and pick the minimiser.
 
 Two variances (see bd3.evaluate.variance): ``paper`` = across batches of the batch NELBO

@@ -1,4 +1,5 @@
-"""NELBO variance under clipped mask-rate intervals (paper §4.2, §5.2; reference §3.3-3.4).
+"""NELBO variance under clipped mask-rate intervals (paper §4.2, §5.2, and the
+reference code kuleshov-group/bd3lms).
 
 Two variances, reported side by side:
 - ``var_paper`` (the paper's eq. 9-10, the default): the variance across batches of the
