@@ -68,8 +68,8 @@ def export_command(
       hf upload my-name/bd3lm-owt-bs4 exported/bd3lm-owt-bs4    # share it on the hub
     """
     from bd3.cli.common import err
-    from bd3.runs.load import open_run
     from bd3.runs.hf import export_checkpoint
+    from bd3.runs.load import open_run
 
     path = export_checkpoint(open_run(run), out, precision=precision, force=force)
     err.print(f"Wrote {path}: config.json, model.safetensors ({precision}), modeling and tokenizer files")

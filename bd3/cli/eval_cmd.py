@@ -25,7 +25,9 @@ EvalPrecision = o.precision(
     "eval", "fp32 (the default: exact); bf16: matrix products under bf16 autocast; auto: bf16 on CUDA and on CPUs with "
     "native bf16, else fp32. With --gen-ppl, for the judge and the sampler.",
 )
-VariancePrecision = o.precision("variance", o.TRAIN_PRECISION_HELP.replace(" (weights, gradients and optimizer state stay fp32)", ""))
+VariancePrecision = o.precision(
+    "variance", "fp32; bf16: matrix products under bf16 autocast; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.",
+)
 
 
 def _evaluated_as(cfg: RunConfig, block_size: int | None, schedule: str | None = None) -> RunConfig:
@@ -197,11 +199,11 @@ def evaluate(
     if names and split != "valid":
         raise typer.BadParameter("applies to the run's own data; --zero-shot evaluates other text whole.", param_hint="--split")
     from bd3.cli.common import print_table
-    from bd3.runs.load import load_model, open_run, run_shards, run_tokenizer
     from bd3.diffusion.estimators import resolve_estimator
     from bd3.evaluate.perplexity import nelbo_perplexity
     from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_shards, run_tokenizer
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
 
@@ -381,9 +383,9 @@ def variance(
     if plot is not None:
         _pyplot()  # fail before the work if matplotlib is missing
     from bd3.cli.common import err, print_table
-    from bd3.runs.load import load_model, open_run, run_shards
     from bd3.evaluate.variance import lowest_variance, nelbo_variance
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_shards
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
 
@@ -429,9 +431,9 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
     from bd3.cli.common import print_table
-    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.evaluate.gen_ppl import GenSample, generative_perplexity, read_samples
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision
     from bd3.sampling.generate import generate
@@ -466,8 +468,8 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
 
 def _judge(spec: str, device, precision: str):
     """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
-    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.evaluate.gen_ppl import RunJudge, load_hf_judge
+    from bd3.runs.load import load_model, open_run, run_tokenizer
 
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():

@@ -153,8 +153,8 @@ Clips = Annotated[
 
 def upgrade_argv(argv: list[str]) -> list[str]:
     """Old spellings that Typer cannot parse any more, rewritten to the current ones with a
-    one-line note on stderr: ``--clip BETA OMEGA`` (two values, before 0.x) -> ``--clip
-    BETA,OMEGA``. Kept for one release."""
+    one-line note on stderr: ``--clip BETA OMEGA`` (the two-value form pretrain and finetune
+    took) -> ``--clip BETA,OMEGA``. Kept for one release."""
     out, i = [], 0
     while i < len(argv):
         if argv[i] == "--clip" and i + 2 < len(argv) and _is_number(argv[i + 1]) and _is_number(argv[i + 2]):

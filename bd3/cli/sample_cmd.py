@@ -61,8 +61,8 @@ def sample(
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both.", param_hint="--prompt-file")
     from bd3.cli.common import err, stdout_writes
-    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision, use_threads
     from bd3.sampling.block import ENTROPY_WINDOW
     from bd3.sampling.engine import sampling_precision

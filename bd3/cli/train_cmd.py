@@ -144,9 +144,9 @@ def pretrain(
     if resume:
         return _resume(ctx)
     from bd3.cli.common import err
-    from bd3.runs.load import shards_for
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
+    from bd3.runs.load import shards_for
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 
@@ -222,9 +222,9 @@ def finetune(
     if resume:
         return _resume(ctx)
     from bd3.cli.common import err
-    from bd3.runs.load import open_run, run_shards
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
+    from bd3.runs.load import open_run, run_shards
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 

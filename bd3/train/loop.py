@@ -91,7 +91,7 @@ class Trainer:
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
         """AdamW, fused (one kernel over all parameters; benchmarks/README.md times it against
-        foreach); foreach for FSDP's sharded parameters, which the fused kernel does not take."""
+        foreach); foreach for FSDP's sharded parameters."""
         tcfg = self.cfg.train
         kind = {"foreach": True} if self.sharded else {"fused": True}
         return torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, **kind)
