@@ -10,8 +10,19 @@ from __future__ import annotations
 from bd3.config import PRECISIONS
 
 ATTN_BACKENDS = ("auto", "sdpa", "flex", "xformers")  # bd3.model.backends
-MODEL_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what `auto` resolves to: fp32, bf16 (autocast)
+
+# --precision: one vocabulary, one meaning per value, in every command:
+#   fp32  float32 throughout
+#   bf16  matrix products in bfloat16 (autocast; `bd3 export`: the weights stored as bfloat16)
+#   fp16  the linear layers' weights stored as float16, products float32 (`bd3 sample` on x86 CPUs)
+#   auto  the fastest of the command's values that this device computes natively
+# Each command takes the values that apply to it (COMMAND_PRECISIONS) and documents its auto.
+MODEL_PRECISIONS = tuple(p for p in PRECISIONS if p != "auto")  # what `auto` resolves to in training: fp32, bf16 (autocast)
 SAMPLE_PRECISIONS = (*MODEL_PRECISIONS, "fp16")  # the sampling engine's: fp16 weights are its own
+COMMAND_PRECISIONS = {
+    "pretrain": PRECISIONS, "finetune": PRECISIONS, "eval": PRECISIONS, "variance": PRECISIONS,
+    "sample": ("auto", *SAMPLE_PRECISIONS), "export": MODEL_PRECISIONS,
+}
 RULES = ("first-hitting", "ddpm", "threshold")  # update rules inside a block (bd3.sampling.block)
 STOPS = ("none", "eos", "entropy", "both")  # per-row stop rules
 LOGGERS = ("tensorboard", "wandb")  # experiment trackers (bd3.train.loggers); each the name of its extra and module

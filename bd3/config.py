@@ -32,6 +32,25 @@ def _check(condition: bool, message: str) -> None:
         raise Bd3Error(message)
 
 
+def check_clip(beta: float, omega: float) -> tuple[float, float]:
+    """A clip interval of mask rates: inside [0, 1], beta <= omega, omega > 0."""
+    beta, omega = float(beta), float(omega)
+    _check(
+        0.0 <= beta <= omega <= 1.0 and omega > 0.0,  # nan fails too
+        f"The clip interval [{beta}, {omega}] must lie inside [0, 1] with beta <= omega and omega > 0; for example --clip 0.45,0.95.",
+    )
+    return beta, omega
+
+
+def parse_clip(text: str) -> tuple[float, float]:
+    """``BETA,OMEGA``, the syntax of --clip in every command, as a checked interval."""
+    try:
+        beta, omega = (float(v) for v in text.split(","))
+    except ValueError:
+        raise Bd3Error(f"{text!r} is not BETA,OMEGA (for example 0.45,0.95).") from None
+    return check_clip(beta, omega)
+
+
 @dataclass
 class ModelConfig:
     """The DiT backbone (the reference's architecture); the model sees only this."""
@@ -101,12 +120,7 @@ class DiffusionConfig:
                "SEDD is time-conditioned, so the k estimator (which regroups the bound by the number of masked tokens) does not apply to it; use --estimator t.")
         _check(self.variance in VARIANCES, f"Unknown variance {self.variance!r}; choose one of {', '.join(VARIANCES)}.")
         _check(self.block_size > 0, f"The block size must be positive, got {self.block_size}.")
-        beta, omega = self.clip = (float(self.clip[0]), float(self.clip[1]))
-        _check(
-            0.0 <= beta <= omega <= 1.0 and omega > 0.0,
-            f"The clip interval [{beta}, {omega}] must lie inside [0, 1] with beta <= omega and omega > 0; "
-            "for example --clip 0.45 0.95.",
-        )
+        self.clip = check_clip(*self.clip)
 
 
 @dataclass

@@ -90,11 +90,11 @@ def available_cores() -> int:
         cores = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         cores = os.cpu_count() or 1
-    quota = _cgroup_quota()
+    quota = cgroup_quota()
     return max(1, min(cores, math.ceil(quota))) if quota else max(1, cores)
 
 
-def _cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+def cgroup_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
     """Cores allowed by the cgroup (v2 cpu.max, else v1 cfs quota / period); None when unlimited."""
     try:
         quota, period = (root / "cpu.max").read_text().split()[:2]

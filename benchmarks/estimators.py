@@ -28,12 +28,12 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from bd3.cli.common import load_model, open_run, run_shards  # the helpers `bd3 eval` opens a run with
 from bd3.data.shards import unigram_perplexity
 from bd3.diffusion.estimators import maskable_positions
 from bd3.diffusion.objective import exact_nelbo
 from bd3.evaluate.baselines import bigram_perplexity
 from bd3.evaluate.perplexity import nelbo_perplexity
+from bd3.runs.load import load_model, open_run, run_shards  # the helpers `bd3 eval` opens a run with
 
 
 def main() -> None:

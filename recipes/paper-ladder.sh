@@ -8,7 +8,7 @@
 #     STEPS - BASE_STEPS steps at each L' in BLOCK_SIZES (16, 8, 4), once with the paper's
 #     clipped mask-rate interval (CLIP_16/8/4, from its Tables 2 and 8) and once with the plain
 #     linear schedule (Tables 2 and 8: clipped vs linear, perplexity and NELBO variance).
-#   - Table 1: BD3-LM at L' = 1 with a fully masked block (--clip 1 1, mask rate 1: every
+#   - Table 1: BD3-LM at L' = 1 with a fully masked block (--clip 1,1, mask rate 1: every
 #     token predicted from the clean tokens before it) next to AR.
 #   - Every final model sees the same number of training tokens (STEPS x BATCH x LENGTH).
 #   - Evaluation of every final model: the validation perplexity (EVAL_OPTS; the report shows
@@ -48,7 +48,7 @@
 #   MODEL [nano]  LENGTH [128]  DATA [web]  TOKENIZER [bpe]  WRAP [special: raw for OWT-like data]
 #   DEVICE [auto]  NPROC [1: more runs training under torchrun]  OUT [ladder]
 #   STEPS [900]: training steps per final model; BASE_STEPS [2/3 of STEPS]: the L' = L base's share
-#   BATCH [16]  GLOBAL_BATCH [BATCH x NPROC]  BLOCK_SIZES ["16 8 4"]  CLIP_16, CLIP_8 ["0.3 0.8"]  CLIP_4 ["0.45 0.95"]
+#   BATCH [16]  GLOBAL_BATCH [BATCH x NPROC]  BLOCK_SIZES ["16 8 4"]  CLIP_16, CLIP_8 ["0.3,0.8"]  CLIP_4 ["0.45,0.95"]
 #   TRAIN_ESTIMATOR [t]: the training estimator of the diffusion runs: t is the paper's (a mask rate per
 #     block; its clipped intervals bound that rate, and every count of masked tokens still occurs);
 #     k trains faster at this size (README: "A first run that learns") but --clip then bounds the count
@@ -76,9 +76,9 @@ BASE_STEPS=${BASE_STEPS:-$((STEPS * 2 / 3))}
 BATCH=${BATCH:-16}
 GLOBAL_BATCH=${GLOBAL_BATCH:-}
 BLOCK_SIZES=${BLOCK_SIZES:-16 8 4}
-CLIP_16=${CLIP_16:-0.3 0.8}
-CLIP_8=${CLIP_8:-0.3 0.8}
-CLIP_4=${CLIP_4:-0.45 0.95}
+CLIP_16=${CLIP_16:-0.3,0.8}
+CLIP_8=${CLIP_8:-0.3,0.8}
+CLIP_4=${CLIP_4:-0.45,0.95}
 TRAIN_ESTIMATOR=${TRAIN_ESTIMATOR:-t}
 TRAIN_OPTS=${TRAIN_OPTS:-}
 EVAL_OPTS=${EVAL_OPTS:---estimator k --passes 2}
@@ -136,13 +136,12 @@ done_eval() { compgen -G "$1/eval/$2-*.json" > /dev/null; }
 train ar "$STEPS" pretrain --algo ar "${DATA_OPTS[@]}"
 train mdlm "$STEPS" pretrain --algo mdlm --estimator "$TRAIN_ESTIMATOR" "${DATA_OPTS[@]}"
 train sedd "$STEPS" pretrain --algo sedd "${DATA_OPTS[@]}"
-train bd3-bs1-fullmask "$STEPS" pretrain --algo bd3lm --block-size 1 --clip 1 1 --estimator "$TRAIN_ESTIMATOR" "${DATA_OPTS[@]}"
+train bd3-bs1-fullmask "$STEPS" pretrain --algo bd3lm --block-size 1 --clip 1,1 --estimator "$TRAIN_ESTIMATOR" "${DATA_OPTS[@]}"
 train base "$BASE_STEPS" pretrain --algo mdlm --estimator "$TRAIN_ESTIMATOR" "${DATA_OPTS[@]}"
 for bs in $BLOCK_SIZES; do
   clip_var=CLIP_$bs
   clip=${!clip_var:-$CLIP_16}
-  # shellcheck disable=SC2086  # the clip is two numbers
-  train "bd3-bs$bs-clip" "$FT_STEPS" finetune "$RUNS/base" --block-size "$bs" --clip $clip --estimator "$TRAIN_ESTIMATOR"
+  train "bd3-bs$bs-clip" "$FT_STEPS" finetune "$RUNS/base" --block-size "$bs" --clip "$clip" --estimator "$TRAIN_ESTIMATOR"
   train "bd3-bs$bs-linear" "$FT_STEPS" finetune "$RUNS/base" --block-size "$bs" --estimator "$TRAIN_ESTIMATOR"
 done
 

@@ -238,21 +238,15 @@ def test_attn_and_compile_reach_the_trainer_and_its_ema_copy(tiny_cfg, monkeypat
     import numpy as np
 
     from bd3.config import DataConfig, RunConfig, TrainConfig
-    from bd3.train import loop
+    from bd3.train.loop import Trainer
 
-    got = {}
-
-    def configure(model, attn="sdpa", compile=False):
-        got.update(attn=attn, compile=compile)
-        model.attn = attn
-        return model
-
-    monkeypatch.setattr(loop, "configure_model", configure)
+    compiled = []  # torch's public Module.compile, recorded instead of compiling
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
     data = DataConfig(vocab_size=40, mask_id=39, bos_id=0, eos_id=1, pad_id=2)
     cfg = RunConfig(model=tiny_cfg, diffusion=DiffusionConfig(block_size=4), data=data, train=TrainConfig(device="cpu", batch_size=2))
     shards = types.SimpleNamespace(rows=lambda split: np.zeros((8, 16), dtype=np.int64))
-    trainer = loop.Trainer(cfg, shards, torch.device("cpu"), "fp32", "flex", True)
-    assert got == {"attn": "flex", "compile": True}
+    trainer = Trainer(cfg, shards, torch.device("cpu"), "fp32", "flex", True)
+    assert trainer.model.attn == "flex" and compiled == list(trainer.model.blocks)
     with trainer.ema_weights() as ema_model:
         assert ema_model.attn == "flex"
 

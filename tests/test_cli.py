@@ -68,7 +68,7 @@ def test_flow_as_users_type_it(workdir, capsys):
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 2 and all(len(r["tokens"]) == 16 and r["nfe"] == 15 for r in rows)
 
-    code, out, err = bd3("finetune", "--block-size", 4, "--clip", 0.45, 0.95, "--steps", 2, "--log-every", 1, "--device", "cpu", capsys=capsys)
+    code, out, err = bd3("finetune", "--block-size", 4, "--clip", "0.45,0.95", "--steps", 2, "--log-every", 1, "--device", "cpu", capsys=capsys)
     assert code == 0, err
     child = max((workdir / "runs").iterdir(), key=lambda p: (p / "config.json").stat().st_mtime)
     cfg = json.loads((child / "config.json").read_text())
@@ -90,8 +90,8 @@ def test_flow_as_users_type_it(workdir, capsys):
         (["pretrain", "--model", "huge"], 2, "--model"),
         (["pretrain", "--steps", "0"], 2, "--steps"),
         (["pretrain", "--nope"], 2, "--nope"),
-        (["finetune", "--clip", "0.9", "0.1"], 2, "--clip"),
-        (["finetune", "--clip", "0.5", "1.5"], 2, "--clip"),
+        (["finetune", "--clip", "0.9,0.1"], 2, "--clip"),
+        (["finetune", "--clip", "0.5,1.5"], 2, "--clip"),
         (["pretrain", "--length", "30", "--block-size", "8", "--steps", "1"], 2, "divide"),
         (["finetune", "no/such/run", "--block-size", "4"], 1, "no/such/run"),
         (["eval", "no/such/run"], 1, "no/such/run"),

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from bd3.diffusion.loss import masked_nll, subs_log_probs
+from bd3.diffusion.loss import masked_nll
 from bd3.diffusion.masks import block_causal_mask, block_diff_mask
 from bd3.diffusion.noise import corrupt, resample_corrupt, sample_t
+from tests.subs import subs_log_probs
 
 
 def test_block_diff_mask_equals_hand_written_case():

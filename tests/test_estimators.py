@@ -17,12 +17,12 @@ from bd3.diffusion.estimators import (
     resolve_estimator,
     subsets,
 )
-from bd3.diffusion.loss import subs_log_probs
 from bd3.diffusion.masks import block_causal_mask
 from bd3.diffusion.objective import diffusion_loss, exact_nelbo, row_nelbo
 from bd3.errors import Bd3Error
 from bd3.evaluate.intervals import nelbo_interval, t_quantile_975
 from bd3.evaluate.perplexity import nelbo_perplexity
+from tests.subs import subs_log_probs
 
 MASK = 39  # tiny_model has vocabulary 40
 

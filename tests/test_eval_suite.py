@@ -18,7 +18,6 @@ import pytest
 import torch
 from rich.console import Console
 
-from bd3.cli.common import shards_for
 from bd3.cli.main import main
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
 from bd3.data.tokenizer import load_tokenizer
@@ -27,6 +26,7 @@ from bd3.errors import Bd3Error
 from bd3.evaluate import gen_ppl as gp
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.model import DiT
+from bd3.runs.load import shards_for
 from bd3.sampling.text import render
 from bd3.train import train
 from tests.conftest import randomize

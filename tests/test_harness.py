@@ -20,11 +20,11 @@ pytest.importorskip("lm_eval", reason="the harness tests need lm-eval: pip insta
 
 from lm_eval.api.instance import Instance  # noqa: E402
 
-from bd3.cli.common import shards_for  # noqa: E402
 from bd3.cli.main import main  # noqa: E402
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig  # noqa: E402
 from bd3.diffusion.masks import block_causal_mask  # noqa: E402
 from bd3.evaluate.harness import Bd3LM  # noqa: E402
+from bd3.runs.load import shards_for  # noqa: E402
 from bd3.train import train  # noqa: E402
 from tests.conftest import randomize  # noqa: E402
 

@@ -237,7 +237,7 @@ def test_exported_run_loads_in_transformers_offline_with_bd3s_logits(random_run,
         assert model(x0[:, :20], sample_mode=True, return_dict=True).logits.shape == causal.shape
     assert float(model.sampling_eps_min) == pytest.approx(cfg.diffusion.clip[0]) and model.training is False
 
-    from bd3.cli.common import run_tokenizer
+    from bd3.runs.load import run_tokenizer
 
     tok = run_tokenizer(random_run)
     text = "In the beginning God created the heavens and the earth."

@@ -3,10 +3,10 @@
 import torch
 
 from bd3.config import DiffusionConfig
-from bd3.diffusion.loss import subs_log_probs
 from bd3.diffusion.masks import block_causal_mask
 from bd3.diffusion.objective import diffusion_loss, draw_noise, nelbo
 from bd3.diffusion.schedules import get_schedule
+from tests.subs import subs_log_probs
 
 MASK = 39  # tiny_model has vocabulary 40
 

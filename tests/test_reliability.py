@@ -114,7 +114,7 @@ def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(workdir, capsys, mon
 
 
 def test_nonfinite_validation_stops_naming_the_step_and_the_last_good_checkpoint(workdir, capsys, monkeypatch):
-    import bd3.train.loop as loop
+    import bd3.train.validation as loop
 
     real = loop.nelbo_perplexity
     calls = [0]
@@ -249,9 +249,9 @@ BAD_ARGS = [
     (["pretrain", "--lr", "0"], 2, "learning rate"),
     (["pretrain", "--length", "30", "--block-size", "8"], 2, "divide"),
     (["pretrain", "--block-size", "0"], 2, "--block-size"),
-    (["pretrain", "--clip", "0.9", "0.1"], 2, "--clip"),
-    (["pretrain", "--clip", "-0.1", "0.5"], 2, "--clip"),
-    (["pretrain", "--clip", "0.5", "1.5"], 2, "--clip"),
+    (["pretrain", "--clip", "0.9,0.1"], 2, "--clip"),
+    (["pretrain", "--clip", "-0.1,0.5"], 2, "--clip"),
+    (["pretrain", "--clip", "0.5,1.5"], 2, "--clip"),
     (["pretrain", "--precision", "fp16"], 2, "precision"),
     (["pretrain", "--length", "4"], 2, "--length"),
     (["pretrain", "--no-such-option"], 2, "--no-such-option"),
@@ -268,7 +268,7 @@ BAD_ARGS = [
     (["pretrain", "--resume", "--out", "{run}", "--lr", "5", "--block-size", "16"], 2, "--lr, --block-size conflict"),
     (["pretrain", "--resume", "--out", "{run}", "--schedule", "cosine", "--steps", "9"], 2, "--schedule conflicts"),
     (["pretrain", "--resume", "--out", "{run}", "--block-size", "8", "--data", "web", "--precision", "fp32"], 1, "--steps"),
-    (["finetune", "--resume", "--out", "{run}", "--clip", "0.3", "0.8"], 2, "--clip conflicts"),
+    (["finetune", "--resume", "--out", "{run}", "--clip", "0.3,0.8"], 2, "--clip conflicts"),
     (["pretrain", "--lr", "inf"], 2, "--lr"),
     (["pretrain", "--lr", "nan"], 2, "--lr"),
     (["finetune", "{run}", "--lr", "inf"], 2, "--lr"),
@@ -280,7 +280,7 @@ BAD_ARGS = [
     (["finetune", "{run}", "--threads", "-1"], 2, "--threads"),
     (["pretrain", "--device", "tpu", "--steps", "1", "--length", "32"], 2, "tpu"),
     (["finetune", "{run}", "--block-size", "5"], 2, "divide"),
-    (["finetune", "{run}", "--clip", "0.6", "0.2"], 2, "--clip"),
+    (["finetune", "{run}", "--clip", "0.6,0.2"], 2, "--clip"),
     (["finetune", "nowhere", "--block-size", "4"], 1, "nowhere"),
     (["eval", "nowhere"], 1, "nowhere"),
     (["eval", "{run}", "--split", "test"], 2, "--split"),

@@ -593,11 +593,11 @@ def test_cli_jsonl_prompt_and_summary(runs, capsys):
 
 def test_cli_text_streams_every_sample(runs, capsys):
     code, out, err = bd3(capsys, "sample", runs["bd3lm"], "--max-tokens", 50, "--num-samples", 3, "--device", "cpu",
-                         "--sampler", "ddpm", "--steps", 4, "--stop", "both")
+                         "--sampler", "ddpm", "--denoise-steps", 4, "--stop", "both")
     assert code == 0, err
     assert out.count("=" * 80) == 2 and out.endswith("\n") and "ddpm" in err
     code, same, _ = bd3(capsys, "sample", runs["bd3lm"], "--max-tokens", 50, "--num-samples", 3, "--batch-size", 1,
-                        "--device", "cpu", "--steps", 4, "--stop", "both")
+                        "--device", "cpu", "--denoise-steps", 4, "--stop", "both")
     assert same == out
 
 
@@ -665,8 +665,8 @@ def test_cli_fp16_where_it_cannot_run(runs, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "args,code,needle",
     [
-        (["--steps", "4", "--threshold", "0.5"], 2, "--threshold"),
-        (["--sampler", "first-hitting", "--steps", "4"], 2, "--steps"),
+        (["--denoise-steps", "4", "--threshold", "0.5"], 2, "--threshold"),
+        (["--sampler", "first-hitting", "--denoise-steps", "4"], 2, "--denoise-steps"),
         (["--sampler", "greedy"], 2, "--sampler"),
         (["--stop", "never"], 2, "--stop"),
         (["--format", "xml"], 2, "--format"),
@@ -685,7 +685,7 @@ def test_cli_bad_options_are_one_line(runs, capsys, args, code, needle, tmp_path
 
 
 def test_cli_options_that_do_not_apply(runs, capsys):
-    code, _, err = bd3(capsys, "sample", runs["ar"], "--steps", "4")
+    code, _, err = bd3(capsys, "sample", runs["ar"], "--denoise-steps", "4")
     assert code == 2 and "ar run" in err
     code, _, err = bd3(capsys, "sample", runs["mdlm"], "--block-size", "4")
     assert code == 2 and "mdlm run" in err

@@ -9,7 +9,8 @@ import torch
 
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig
-from bd3.diffusion.clip_search import best_interval, clip_grid, variances
+from bd3.diffusion.clip_search import clip_grid, variances
+from bd3.evaluate.variance import lowest_variance
 from bd3.diffusion.noise import corrupt, resample_corrupt, sample_t
 from bd3.diffusion.objective import draw_noise
 from bd3.diffusion.schedules import canonical, get_schedule
@@ -134,14 +135,15 @@ def test_search_returns_the_known_minimiser_of_a_synthetic_loss_table():
     rng = np.random.default_rng(0)
     grid = clip_grid()
     target = (0.3, 0.8)
-    scores = {}
+    rows = []
     for interval in grid:
         spread = 0.1 if interval == target else 1.0 + abs(interval[0] - 0.3)  # known minimiser
         batch = list(5 + spread * rng.standard_normal(64))
         blocks = [5 + spread * rng.standard_normal(32) for _ in range(8)]
-        scores[interval] = variances(batch, blocks)
-    assert best_interval(scores, "paper") == target
-    assert best_interval(scores, "block") == target
+        rows.append({"beta": interval[0], "omega": interval[1], **{f"var_{k}": v for k, v in variances(batch, blocks).items()}})
+    for kind in ("paper", "block"):
+        best = lowest_variance(rows, kind, "t")
+        assert (best["beta"], best["omega"]) == target
 
 
 SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--eval-batches", "2"]
@@ -159,7 +161,7 @@ def parent(tmp_path_factory):
 
 def test_finetune_with_clip_and_schedule_records_them(parent, tmp_path):
     out = tmp_path / "ft"
-    assert main(["finetune", str(parent), "--block-size", "4", "--clip", "0.45", "0.95", "--schedule", "gaussian:mu=0.6",
+    assert main(["finetune", str(parent), "--block-size", "4", "--clip", "0.45,0.95", "--schedule", "gaussian:mu=0.6",
                  "--weighting", "sigmoid:k=1", "--steps", "2", *SMALL[4:], "--out", str(out)]) == 0
     d = json.loads((out / "config.json").read_text())["diffusion"]
     assert d["clip"] == [0.45, 0.95] and d["block_size"] == 4

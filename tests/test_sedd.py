@@ -10,16 +10,9 @@ import torch
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig, RunConfig
 from bd3.diffusion.objective import diffusion_loss, draw_noise, sedd_nelbo
-from bd3.diffusion.sedd import (
-    log_score,
-    log_total_score,
-    score_entropy,
-    sedd_token_loss,
-    total_noise,
-    tweedie_probs,
-    unmask_prob,
-)
+from bd3.diffusion.sedd import log_total_score, sedd_token_loss, total_noise, unmask_prob
 from bd3.sampling.sedd import sample_sedd
+from tests.sedd_reference import log_score, score_entropy, tweedie_probs
 
 MASK = 3  # a vocabulary of three tokens and the mask
 
@@ -205,7 +198,7 @@ def test_cli_pretrain_eval_sample(tmp_path, monkeypatch, capsys):
     result = json.loads(out)
     assert result["bound"] and result["algo"] == "sedd" and result["ppl"] > 1
 
-    args = ("sample", "s", "--max-tokens", 40, "--steps", 3, "--num-samples", 2, "--format", "jsonl", "--device", "cpu")
+    args = ("sample", "s", "--max-tokens", 40, "--denoise-steps", 3, "--num-samples", 2, "--format", "jsonl", "--device", "cpu")
     code, out, err = bd3(*args)
     assert code == 0, err
     rows = [json.loads(line) for line in out.splitlines()]

@@ -129,22 +129,22 @@ def test_default_threads_follow_omp_num_threads_then_the_cores(monkeypatch):
 
 
 def test_cgroup_quota_v2_and_v1(tmp_path):
-    assert runtime._cgroup_quota(tmp_path) is None  # no cgroup files: unlimited
+    assert runtime.cgroup_quota(tmp_path) is None  # no cgroup files: unlimited
     (tmp_path / "cpu").mkdir()
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("250000\n")
     (tmp_path / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
-    assert math.isclose(runtime._cgroup_quota(tmp_path), 2.5)
+    assert math.isclose(runtime.cgroup_quota(tmp_path), 2.5)
     (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
-    assert runtime._cgroup_quota(tmp_path) is None
+    assert runtime.cgroup_quota(tmp_path) is None
     (tmp_path / "cpu.max").write_text("150000 100000\n")
-    assert math.isclose(runtime._cgroup_quota(tmp_path), 1.5)
+    assert math.isclose(runtime.cgroup_quota(tmp_path), 1.5)
     (tmp_path / "cpu.max").write_text("max 100000\n")
-    assert runtime._cgroup_quota(tmp_path) is None
+    assert runtime.cgroup_quota(tmp_path) is None
 
 
 def test_a_loaded_machine_gets_one_note_on_stderr(monkeypatch, capsys):
     before = torch.get_num_threads()
-    monkeypatch.setattr(runtime, "_load_average", lambda: 99.0)
+    monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
     monkeypatch.setattr(sys.stderr, "isatty", lambda: True)  # a terminal: pipes and logs get no note
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     try:
@@ -153,9 +153,9 @@ def test_a_loaded_machine_gets_one_note_on_stderr(monkeypatch, capsys):
         assert "load average (99.0)" in err and "--threads 1" in err and len(err.strip().splitlines()) == 1
         assert runtime.use_threads(1) == 1 and capsys.readouterr().err == ""  # --threads given: no note
         assert runtime.use_threads(None, warn_if_loaded=False) == 2 and capsys.readouterr().err == ""
-        monkeypatch.setattr(runtime, "_load_average", lambda: 0.1)
+        monkeypatch.setattr(os, "getloadavg", lambda: (0.1, 0.1, 0.1))
         assert runtime.use_threads(None) == 2 and capsys.readouterr().err == ""
-        monkeypatch.setattr(runtime, "_load_average", lambda: 99.0)
+        monkeypatch.setattr(os, "getloadavg", lambda: (99.0, 99.0, 99.0))
         monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
         assert runtime.use_threads(None) == 2 and capsys.readouterr().err == ""
     finally:

@@ -45,18 +45,13 @@ def import_command(
     )
 
 
-def _check_export_precision(value: str) -> str:
-    from bd3.runs.hf import EXPORT_DTYPES
-
-    if value not in EXPORT_DTYPES:
-        raise typer.BadParameter(f"{value!r} is not one of {', '.join(EXPORT_DTYPES)}.")
-    return value
+ExportPrecision = o.precision("export", "The exported weights' dtype: fp32, or bf16 (bfloat16 weights, half the size).")
 
 
 def export_command(
     run: Annotated[Path, typer.Argument(help="Run directory.")],
     out: Annotated[Path, typer.Argument(help="Folder to write the checkpoint into (an existing non-empty one needs --force).")],
-    precision: Annotated[str, typer.Option(help="Dtype of the exported weights: fp32 or bf16.", callback=_check_export_precision)] = "fp32",
+    precision: ExportPrecision = "fp32",
     force: Annotated[bool, typer.Option("--force", help="Write into an existing non-empty folder (the files bd3 writes are replaced).")] = False,
 ) -> None:
     """Export a run's EMA weights as a checkpoint folder that HuggingFace `transformers`
@@ -72,8 +67,9 @@ def export_command(
       bd3 export runs/owt-bs4 exported/bd3lm-owt-bs4-bf16 --precision bf16
       hf upload my-name/bd3lm-owt-bs4 exported/bd3lm-owt-bs4    # share it on the hub
     """
-    from bd3.cli.common import err, open_run
+    from bd3.cli.common import err
     from bd3.runs.hf import export_checkpoint
+    from bd3.runs.load import open_run
 
     path = export_checkpoint(open_run(run), out, precision=precision, force=force)
     err.print(f"Wrote {path}: config.json, model.safetensors ({precision}), modeling and tokenizer files")

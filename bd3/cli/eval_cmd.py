@@ -21,6 +21,13 @@ from bd3.errors import Bd3Error
 
 Split = Annotated[str, typer.Option(help="Split to evaluate: valid or train.")]
 MaxBatches = Annotated[Optional[int], typer.Option(help="Evaluate at most N batches (default: the whole split).", min=1, show_default=False)]
+EvalPrecision = o.precision(
+    "eval", "fp32 (the default: exact); bf16: matrix products under bf16 autocast; auto: bf16 on CUDA and on CPUs with "
+    "native bf16, else fp32. With --gen-ppl, for the judge and the sampler.",
+)
+VariancePrecision = o.precision(
+    "variance", "fp32; bf16: matrix products under bf16 autocast; auto: bf16 on CUDA and on CPUs with native bf16, else fp32.",
+)
 
 
 def _evaluated_as(cfg: RunConfig, block_size: int | None, schedule: str | None = None) -> RunConfig:
@@ -90,7 +97,8 @@ def evaluate(
     num_samples: o.NumSamples = 16,
     max_tokens: Annotated[Optional[int], typer.Option(help="With --gen-ppl: tokens per generated sample, BOS included. Default: the model length.", min=2, show_default=False)] = None,
     sampler: o.Sampler = None,
-    steps: o.Steps = None,
+    denoise_steps: o.DenoiseSteps = None,
+    steps: o.OldSteps = None,
     threshold: o.Threshold = None,
     top_p: o.TopP = None,
     temperature: o.Temperature = 1.0,
@@ -101,7 +109,7 @@ def evaluate(
     max_batches: MaxBatches = None,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: Annotated[str, typer.Option(help="fp32 (default, exact) or bf16; with --gen-ppl, for the judge and the sampler.")] = "fp32",
+    precision: EvalPrecision = "fp32",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     json_: o.Json = False,
@@ -146,13 +154,14 @@ def evaluate(
       bd3 eval runs/owt-bs4 --tasks lambada_openai,piqa --output results.json   # lm-eval tasks (hub)
       bd3 eval runs/owt-bs4 --tasks my_task --include-path tasks/ --limit 100   # a local task folder
     """
+    steps = o.denoise_steps(denoise_steps, steps)
     if tasks is not None:
         for name, value, default in (("--split", split, "valid"), ("--schedule", schedule, None), ("--ci-width", ci_width, 0.02),
                                      ("--max-passes", max_passes, None), ("--zero-shot", zero_shot, None), ("--data", data, None),
                                      ("--gen-ppl", gen_ppl, False), ("--samples", samples, None), ("--max-batches", max_batches, None),
                                      ("--block-size", block_size, None), ("--compile", compile_, False), ("--precision", precision, "fp32"),
                                      ("--attn", attn, "auto"), ("--judge", judge, "gpt2-large"), ("--num-samples", num_samples, 16),
-                                     ("--max-tokens", max_tokens, None), ("--sampler", sampler, None), ("--steps", steps, None),
+                                     ("--max-tokens", max_tokens, None), ("--sampler", sampler, None), ("--denoise-steps", steps, None),
                                      ("--threshold", threshold, None), ("--top-p", top_p, None), ("--temperature", temperature, 1.0),
                                      ("--stop", stop, "none"), ("--kv-cache", kv_cache, True), ("--threads", threads, None)):
             if value != default:  # generation tasks take their own settings (greedy unless a task samples)
@@ -189,11 +198,12 @@ def evaluate(
     names, data = _zero_shot_names(zero_shot, data)
     if names and split != "valid":
         raise typer.BadParameter("applies to the run's own data; --zero-shot evaluates other text whole.", param_hint="--split")
-    from bd3.cli.common import load_model, open_run, print_table, run_shards, run_tokenizer
+    from bd3.cli.common import print_table
     from bd3.diffusion.estimators import resolve_estimator
     from bd3.evaluate.perplexity import nelbo_perplexity
     from bd3.evaluate.zero_shot import unseen_share, zero_shot_rows
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_shards, run_tokenizer
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
 
@@ -334,10 +344,7 @@ def _zero_shot_names(zero_shot: list[str] | None, data: str | None) -> tuple[lis
 def variance(
     run: o.RunArg = None,
     block_size: o.BlockSize = None,
-    clip: Annotated[
-        Optional[list[str]],
-        typer.Option(help="An interval BETA,OMEGA to score; repeat for several. Default: the paper's grid (widths 0.5-0.9 in steps of 0.05, slid in steps of 0.05, and [0.001, 1]).", show_default=False),
-    ] = None,
+    clip: o.Clips = None,
     schedule: Annotated[
         Optional[str], typer.Option(help="Schedules to compare, comma-separated (e.g. linear,cosine,gaussian:mu=0.6). Default: the run's.", show_default=False)
     ] = None,
@@ -347,7 +354,7 @@ def variance(
     max_batches: Annotated[int, typer.Option(help="Validation batches per interval.", min=2)] = 16,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: o.Precision = "auto",
+    precision: VariancePrecision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     threads: o.Threads = None,
@@ -372,12 +379,13 @@ def variance(
     if kind not in VARIANCES:
         raise typer.BadParameter(f"{kind!r} is not one of {', '.join(VARIANCES)}.", param_hint="--variance")
     schedules = [_check_schedule(s) for s in schedule.split(",")] if schedule else None
-    intervals = [_parse_interval(c) for c in clip] if clip else None
+    intervals = [FULL_CLIP if c == (0.0, 1.0) else c for c in clip] if clip else None  # [0, 1]: the bound's interval
     if plot is not None:
         _pyplot()  # fail before the work if matplotlib is missing
-    from bd3.cli.common import err, load_model, open_run, print_table, run_shards
-    from bd3.evaluate.variance import nelbo_variance, variance_key
+    from bd3.cli.common import err, print_table
+    from bd3.evaluate.variance import lowest_variance, nelbo_variance
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_shards
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision, use_threads
 
@@ -393,8 +401,7 @@ def variance(
         model, rows, cfg.diffusion, cfg.data.mask_id, intervals, schedules=schedules, batch_size=batch_size,
         max_batches=max_batches, seed=seed, device=dev, precision=resolve_precision(precision, dev),
     )
-    best = min(results, key=lambda x: x[variance_key(kind, "t")])
-    best_k = min(results, key=lambda x: x[variance_key(kind, "k")])
+    best, best_k = lowest_variance(results, kind, "t"), lowest_variance(results, kind, "k")
     for x in results:
         x["interval"] = f"[{x['beta']:g}, {x['omega']:g}]" + ("  <- lowest" if x is best else "")
         x["best"] = x is best
@@ -423,9 +430,10 @@ GEN_PPL_ROWS = (
 def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, num_samples, batch_size,
                            max_tokens, kv_cache, seed, threads, device, precision, attn, json_) -> None:
     """Samples read from a JSONL file or generated from the run, scored under the judge."""
-    from bd3.cli.common import load_model, open_run, print_table, run_tokenizer
+    from bd3.cli.common import print_table
     from bd3.evaluate.gen_ppl import GenSample, generative_perplexity, read_samples
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.runs.records import save_eval_record
     from bd3.runtime import configure_model, resolve_device, resolve_precision
     from bd3.sampling.generate import generate
@@ -460,8 +468,8 @@ def _generative_perplexity(run, judge, samples, sampling: dict, *, block_size, n
 
 def _judge(spec: str, device, precision: str):
     """A bd3 run trained with --algo ar, else a HuggingFace causal LM."""
-    from bd3.cli.common import load_model, open_run, run_tokenizer
     from bd3.evaluate.gen_ppl import RunJudge, load_hf_judge
+    from bd3.runs.load import load_model, open_run, run_tokenizer
 
     path = Path(spec)
     if (path / "config.json").is_file() and (path / "checkpoints").is_dir():
@@ -499,6 +507,8 @@ def _plot(results: list[dict], kind: str, path: Path) -> None:
     """One panel per schedule: each interval a square at (beta, omega), coloured by log variance."""
     import numpy as np
 
+    from bd3.evaluate.variance import lowest_variance
+
     plt = _pyplot()
     schedules = list(dict.fromkeys(r["schedule"] for r in results))
     fig, axes = plt.subplots(1, len(schedules), figsize=(4.5 * len(schedules), 4), squeeze=False)
@@ -506,20 +516,10 @@ def _plot(results: list[dict], kind: str, path: Path) -> None:
         rows = [r for r in results if r["schedule"] == name]
         values = np.log10([max(r[f"var_{kind}"], 1e-12) for r in rows])
         points = ax.scatter([r["beta"] for r in rows], [r["omega"] for r in rows], c=values, marker="s", s=120, cmap="viridis")
-        best = min(rows, key=lambda r: r[f"var_{kind}"])
+        best = lowest_variance(rows, kind, "t")
         ax.scatter([best["beta"]], [best["omega"]], marker="o", s=200, facecolors="none", edgecolors="red")
         ax.set(xlabel="beta (lowest mask rate)", ylabel="omega (highest mask rate)", title=name, xlim=(-0.03, 0.55), ylim=(0.45, 1.03))
         fig.colorbar(points, ax=ax, label=f"log10 Var ({kind})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-
-
-def _parse_interval(text: str) -> tuple[float, float]:
-    try:
-        beta, omega = (float(v) for v in text.split(","))
-    except ValueError:
-        raise typer.BadParameter(f"{text!r} is not BETA,OMEGA (for example 0.45,0.95).", param_hint="--clip") from None
-    if not (0.0 <= beta < omega <= 1.0):
-        raise typer.BadParameter(f"[{beta}, {omega}] must satisfy 0 <= beta < omega <= 1.", param_hint="--clip")
-    return (beta, omega) if (beta, omega) != (0.0, 1.0) else FULL_CLIP

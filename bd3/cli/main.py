@@ -16,6 +16,7 @@ import typer
 from bd3 import __version__
 from bd3.cli.checkpoint_cmd import export_command, import_command
 from bd3.cli.eval_cmd import evaluate, variance
+from bd3.cli.options import upgrade_argv
 from bd3.cli.report_cmd import report
 from bd3.cli.sample_cmd import sample
 from bd3.cli.tokenize_cmd import tokenize_command
@@ -28,7 +29,7 @@ A typical session, in an empty folder:
 
 \b
   bd3 pretrain                                   # small model on the built-in corpus -> runs/<name>
-  bd3 finetune --block-size 4 --clip 0.45 0.95  # continue the newest run at block size 4
+  bd3 finetune --block-size 4 --clip 0.45,0.95  # continue the newest run at block size 4
   bd3 sample --max-tokens 16000 | less
   bd3 eval
 """
@@ -63,7 +64,7 @@ def _main(
 def main(argv: list[str] | None = None) -> int:
     """Run the app on ``argv``; return the exit code."""
     try:
-        rv = app(args=argv, prog_name="bd3", standalone_mode=False)
+        rv = app(args=upgrade_argv(sys.argv[1:] if argv is None else argv), prog_name="bd3", standalone_mode=False)
     except Bd3Error as e:
         if os.environ.get("BD3_DEBUG"):
             raise

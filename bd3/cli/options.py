@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 
-from bd3.choices import ATTN_BACKENDS, RULES, STOPS
-from bd3.config import TRAIN_ESTIMATORS, WRAPS
+from bd3.choices import ATTN_BACKENDS, COMMAND_PRECISIONS, RULES, STOPS
+from bd3.config import TRAIN_ESTIMATORS, WRAPS, parse_clip
+from bd3.errors import Bd3Error
 
 if TYPE_CHECKING:
     from bd3.sampling.block import Decoding
@@ -42,7 +44,26 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.", callback
 Seed = Annotated[int, typer.Option(help="Random seed.")]
 Json = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 Force = Annotated[bool, typer.Option("--force", help="Replace an existing output folder that bd3 wrote (never the current folder, or one holding other files).")]
-Precision = Annotated[str, typer.Option(help="auto (bf16 autocast where the hardware has it), fp32 or bf16.")]
+
+
+def precision(command: str, help: str):
+    """The --precision option of ``command``: the values of bd3.choices.COMMAND_PRECISIONS[command]
+    (one vocabulary across commands, one meaning per value), with ``help`` saying what auto
+    picks there."""
+    allowed = COMMAND_PRECISIONS[command]
+
+    def check(value: str) -> str:
+        if value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)} (bd3 {command}).")
+        return value
+
+    return Annotated[str, typer.Option("--precision", help=help, callback=check, metavar="<" + "|".join(allowed) + ">")]
+
+
+TRAIN_PRECISION_HELP = (
+    "fp32; bf16: matrix products under bf16 autocast (weights, gradients and optimizer state stay fp32); "
+    "auto: bf16 on CUDA and on CPUs with native bf16, else fp32."
+)
 BatchSize = Annotated[int, typer.Option(help="Sequences per batch.", min=1)]
 BlockSize = Annotated[Optional[int], typer.Option(help="Block size L' (must divide the length).", min=1, show_default=False)]
 Data = Annotated[
@@ -103,18 +124,67 @@ Compile = Annotated[
 ]
 
 
-def _check_clip(value: tuple[float, float] | None) -> tuple[float, float] | None:
-    if value is not None and not (0.0 <= value[0] <= value[1] <= 1.0 and value[1] > 0.0):
-        raise typer.BadParameter(f"[{value[0]}, {value[1]}] must lie inside [0, 1] with BETA <= OMEGA, for example 0.45 0.95.")
-    return value
+def _check_clip(value: str | list[str] | None):
+    """--clip BETA,OMEGA (repeatable where it is a list) as checked (beta, omega) tuples."""
+    try:
+        if isinstance(value, list):
+            return [parse_clip(v) for v in value] or None
+        return None if value is None else parse_clip(value)
+    except Bd3Error as e:
+        raise typer.BadParameter(str(e)) from None
 
 
 Clip = Annotated[
-    Optional[tuple[float, float]],
+    Optional[str],
     typer.Option(
-        help="Clip interval BETA OMEGA: draw t from U[beta, omega] during training.", show_default=False, callback=_check_clip
+        help="Clip interval BETA,OMEGA of mask rates: draw t (or the masked share k/n) from [beta, omega] during training.",
+        show_default=False, callback=_check_clip, metavar="BETA,OMEGA",
     ),
 ]
+Clips = Annotated[
+    Optional[list[str]],
+    typer.Option(
+        "--clip", help="An interval BETA,OMEGA to score; repeat for several. Default: the paper's grid (widths 0.5-0.9 in steps "
+        "of 0.05, slid in steps of 0.05, and [0.001, 1]); 0,1 is scored as the bound's [0.001, 1].",
+        show_default=False, callback=_check_clip, metavar="BETA,OMEGA",
+    ),
+]
+
+
+def upgrade_argv(argv: list[str]) -> list[str]:
+    """Old spellings that Typer cannot parse any more, rewritten to the current ones with a
+    one-line note on stderr: ``--clip BETA OMEGA`` (the two-value form pretrain and finetune
+    took) -> ``--clip BETA,OMEGA``. Kept for one release."""
+    out, i = [], 0
+    while i < len(argv):
+        if argv[i] == "--clip" and i + 2 < len(argv) and _is_number(argv[i + 1]) and _is_number(argv[i + 2]):
+            out += ["--clip", f"{argv[i + 1]},{argv[i + 2]}"]
+            print(f"Note: --clip {argv[i + 1]} {argv[i + 2]} is deprecated; write --clip {argv[i + 1]},{argv[i + 2]} "
+                  "(the old form goes in the next release).", file=sys.stderr)
+            i += 3
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def renamed(old: str, new: str):
+    """The callback of a hidden option kept under its old name for one release: a one-line note on stderr."""
+
+    def note(value):
+        if value is not None:
+            print(f"Note: {old} is deprecated; use {new} (the old name goes in the next release).", file=sys.stderr)
+        return value
+
+    return note
 
 
 # -- sampling: `bd3 sample`, and `bd3 eval --gen-ppl`, which generates its samples the same way
@@ -139,16 +209,28 @@ TrainEstimator = Annotated[
 Sampler = Annotated[
     Optional[str],
     typer.Option(
-        help="Update rule inside a block: first-hitting (one position per row per model call), ddpm (--steps per block), "
-        "threshold (--threshold). Default: first-hitting, or the rule --steps / --threshold imply.",
+        help="Update rule inside a block: first-hitting (one position per row per model call), ddpm (--denoise-steps per block), "
+        "threshold (--threshold). Default: first-hitting, or the rule --denoise-steps / --threshold imply.",
         show_default=False,
     ),
 ]
-Steps = Annotated[
+DenoiseSteps = Annotated[
     Optional[int],
-    typer.Option(help="ddpm steps per block (implies --sampler ddpm). Default: the block size. For a sedd run: the analytic "
-                 "sampler's steps per window (default: one per generated token).", min=1, show_default=False),
+    typer.Option(help="The sampler's denoising steps: ddpm steps per block (implies --sampler ddpm; default: the block size). "
+                 "For a sedd run: the analytic sampler's steps per window (default: one per generated token).",
+                 min=1, show_default=False),
 ]
+OldSteps = Annotated[
+    Optional[int],
+    typer.Option("--steps", help="Deprecated name of --denoise-steps.", min=1, hidden=True, callback=renamed("--steps", "--denoise-steps")),
+]
+
+
+def denoise_steps(new: int | None, old: int | None) -> int | None:
+    """--denoise-steps, or its deprecated spelling --steps."""
+    if new is not None and old is not None:
+        raise typer.BadParameter("--steps is the old name of --denoise-steps; give one.", param_hint="--steps")
+    return old if new is None else new
 Threshold = Annotated[
     Optional[float],
     typer.Option(
@@ -184,15 +266,13 @@ Stop = Annotated[
     typer.Option(help="End a sample early: eos (at its end-of-text token), entropy (when its last 256 tokens have a unigram entropy below 4 nats), both, or none."),
 ]
 KvCache = Annotated[bool, typer.Option(help="Reuse the K/V of finished blocks (exact within the model length).")]
-SamplePrecision = Annotated[
-    str,
-    typer.Option(
-        help="auto: fp16 on x86 CPUs, else bf16 where the hardware computes it natively, else fp32. fp32: exact (cached == "
-        "recomputed logits to 1e-5). fp16 (x86 CPUs): the linear layers' weights stored as float16, products and logits "
-        "float32, within ~2.5e-4 of fp32; 1.2-2x faster. bf16: the linear layers, output layer included, in bf16 as under "
-        "autocast (GPUs, CPUs with native bf16). SEDD runs: fp32 or bf16.",
-    ),
-]
+SamplePrecision = precision(
+    "sample",
+    "fp32: exact (cached == recomputed logits to 1e-5). bf16: the linear layers, output layer included, in bf16 as under "
+    "autocast (GPUs, CPUs with native bf16). fp16 (x86 CPUs): the linear layers' weights stored as float16, products and "
+    "logits float32, within ~2.5e-4 of fp32. auto: fp16 on x86 CPUs, else bf16 where the hardware computes it natively, "
+    "else fp32. SEDD runs take fp32, bf16 or auto (bf16 where native, else fp32).",
+)
 Threads = Annotated[
     Optional[int],
     typer.Option(
@@ -205,14 +285,15 @@ Threads = Annotated[
 
 
 def sampling_rule(sampler: str | None, steps: int | None, threshold: float | None) -> str:
-    """The update rule from --sampler, or the one --steps / --threshold imply."""
+    """The update rule from --sampler, or the one --denoise-steps / --threshold imply."""
     if sampler is not None and sampler not in RULES:
         raise typer.BadParameter(f"{sampler!r} is not one of {', '.join(RULES)}.", param_hint="--sampler")
     if steps is not None and threshold is not None:
-        raise typer.BadParameter("--steps (ddpm) and --threshold (confidence decoding) are different rules; give one.", param_hint="--threshold")
+        raise typer.BadParameter("--denoise-steps (ddpm) and --threshold (confidence decoding) are different rules; give one.",
+                                 param_hint="--threshold")
     implied = "ddpm" if steps is not None else "threshold" if threshold is not None else None
     if sampler is not None and implied is not None and sampler != implied:
-        name = "--steps" if steps is not None else "--threshold"
+        name = "--denoise-steps" if steps is not None else "--threshold"
         raise typer.BadParameter(f"applies to --sampler {implied}, not {sampler}.", param_hint=name)
     return sampler or implied or "first-hitting"
 
@@ -237,14 +318,14 @@ def sampling_block_size(run, block_size: int | None, sampler: str | None, steps:
     cfg = run.config
     algo, L = cfg.diffusion.algo, cfg.model.length
     if algo == "ar":
-        for name, value in (("--block-size", block_size), ("--sampler", sampler), ("--steps", steps), ("--threshold", threshold)):
+        for name, value in (("--block-size", block_size), ("--sampler", sampler), ("--denoise-steps", steps), ("--threshold", threshold)):
             if value is not None:
                 raise typer.BadParameter(f"does not apply to an ar run ({run.path}), which samples token by token.", param_hint=name)
     if algo == "sedd":
         for name, value in (("--block-size", block_size), ("--sampler", sampler), ("--threshold", threshold)):
             if value is not None:
                 raise typer.BadParameter(
-                    f"does not apply to a sedd run ({run.path}): it denoises its whole context with the analytic sampler (--steps T).",
+                    f"does not apply to a sedd run ({run.path}): it denoises its whole context with the analytic sampler (--denoise-steps T).",
                     param_hint=name,
                 )
     if algo == "mdlm" and block_size is not None:

@@ -10,7 +10,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from bd3.choices import SAMPLE_PRECISIONS
 from bd3.cli import options as o
 from bd3.errors import Bd3Error
 
@@ -26,7 +25,8 @@ def sample(
     prompt_file: Annotated[Optional[Path], typer.Option(help="Read the prompt from this file ('-': stdin).", show_default=False)] = None,
     block_size: o.BlockSize = None,
     sampler: o.Sampler = None,
-    steps: o.Steps = None,
+    denoise_steps: o.DenoiseSteps = None,
+    steps: o.OldSteps = None,
     threshold: o.Threshold = None,
     top_p: o.TopP = None,
     temperature: o.Temperature = 1.0,
@@ -48,21 +48,21 @@ def sample(
       bd3 sample --max-tokens 16000 | less
       bd3 sample runs/owt-bs4 --num-samples 8 --batch-size 8 --format jsonl > samples.jsonl
       bd3 sample --prompt "In the beginning" --max-tokens 256 --stop eos
-      bd3 sample --sampler ddpm --steps 8 --top-p 0.95 --seed 3
+      bd3 sample --sampler ddpm --denoise-steps 8 --top-p 0.95 --seed 3
       bd3 sample --threshold 0.9        # confidence decoding: fewer model calls
       bd3 sample --precision fp32       # exact float32 (auto: fp16 weights on x86 CPUs)
-      bd3 sample runs/owt-sedd --steps 1000 --top-p 0.99   # a SEDD run: the analytic sampler
+      bd3 sample runs/owt-sedd --denoise-steps 1000 --top-p 0.99   # a SEDD run: the analytic sampler
     """
     if format_ not in FORMATS:
         raise typer.BadParameter(f"{format_!r} is not one of {', '.join(FORMATS)}.", param_hint="--format")
-    if precision not in ("auto", *SAMPLE_PRECISIONS):
-        raise typer.BadParameter(f"{precision!r} is not one of {', '.join(('auto', *SAMPLE_PRECISIONS))}.", param_hint="--precision")
+    steps = o.denoise_steps(denoise_steps, steps)
     o.check_stop(stop)
     rule = o.sampling_rule(sampler, steps, threshold)  # usage errors before anything is opened
     if prompt is not None and prompt_file is not None:
         raise typer.BadParameter("give --prompt or --prompt-file, not both.", param_hint="--prompt-file")
-    from bd3.cli.common import err, load_model, open_run, run_tokenizer, stdout_writes
+    from bd3.cli.common import err, stdout_writes
     from bd3.model.backends import resolve_attn
+    from bd3.runs.load import load_model, open_run, run_tokenizer
     from bd3.runtime import available_memory, configure_model, resolve_device, resolve_precision, use_threads
     from bd3.sampling.block import ENTROPY_WINDOW
     from bd3.sampling.engine import sampling_precision

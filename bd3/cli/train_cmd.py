@@ -76,6 +76,8 @@ Logger = Annotated[
         "With --resume: default, the run's own.", callback=_check_loggers, show_default=False, metavar="<tensorboard|wandb>",
     ),
 ]
+PretrainPrecision = o.precision("pretrain", o.TRAIN_PRECISION_HELP)
+FinetunePrecision = o.precision("finetune", o.TRAIN_PRECISION_HELP)
 SkipNonfinite = Annotated[int, typer.Option(help="Skip up to N steps whose loss or gradient is not finite (default: stop at the first).", min=0)]
 
 
@@ -105,7 +107,7 @@ def pretrain(
     force: o.Force = False,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: o.Precision = "auto",
+    precision: PretrainPrecision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
@@ -141,9 +143,10 @@ def pretrain(
     _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
-    from bd3.cli.common import err, shards_for
+    from bd3.cli.common import err
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
+    from bd3.runs.load import shards_for
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 
@@ -189,7 +192,7 @@ def finetune(
     force: o.Force = False,
     seed: o.Seed = 1,
     device: o.Device = "auto",
-    precision: o.Precision = "auto",
+    precision: FinetunePrecision = "auto",
     attn: o.Attn = "auto",
     compile_: o.Compile = False,
     fsdp: Fsdp = False,
@@ -209,8 +212,8 @@ def finetune(
     Examples:
 
     \b
-      bd3 finetune --block-size 4 --clip 0.45 0.95    # the newest run under ./runs
-      bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3 0.8 --steps 2000 --out runs/owt-bs16
+      bd3 finetune --block-size 4 --clip 0.45,0.95    # the newest run under ./runs
+      bd3 finetune runs/owt-pretrain --block-size 16 --clip 0.3,0.8 --steps 2000 --out runs/owt-bs16
       bd3 finetune --block-size 4 --clip-search           # pick the clip interval from data as it trains
       bd3 finetune --block-size 16 --schedule cosine --weighting sigmoid:k=0
       bd3 finetune --resume --out runs/owt-bs16
@@ -218,9 +221,10 @@ def finetune(
     _check_clip_search(ctx, clip_search)
     if resume:
         return _resume(ctx)
-    from bd3.cli.common import err, open_run, run_shards
+    from bd3.cli.common import err
     from bd3.model.backends import resolve_attn
     from bd3.runs import new_run_name
+    from bd3.runs.load import open_run, run_shards
     from bd3.runtime import resolve_device, use_threads
     from bd3.train import train
 
@@ -265,7 +269,8 @@ RESUMABLE = ("steps", "out", "resume", "device", "attn", "compile_", "fsdp", "th
 def _resume(ctx: typer.Context) -> None:
     """Continue the run named by --out from its newest complete checkpoint, with its own
     config and data; only the options in RESUMABLE may differ from that config."""
-    from bd3.cli.common import err, open_run, run_shards
+    from bd3.cli.common import err
+    from bd3.runs.load import open_run, run_shards
     from bd3.runtime import use_threads
     from bd3.train import train
 

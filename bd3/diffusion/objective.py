@@ -64,12 +64,6 @@ class Noise:
     def masking(cls, x0: torch.Tensor, masked: torch.Tensor, mask_id: int, weight: torch.Tensor, rate: torch.Tensor) -> Noise:
         return cls(torch.where(masked, torch.full_like(x0, mask_id), x0), weight, rate)
 
-    @classmethod
-    def at_times(cls, xt: torch.Tensor, t_tok: torch.Tensor, schedule: str) -> Noise:
-        """The noise of estimator ``t`` given x_t and each token's time ``t_tok`` (B, L)."""
-        s, t = get_schedule(schedule), t_tok.double()
-        return cls(xt, s.weight(t), s.mask_prob(t))
-
     def rows(self, index) -> Noise:
         return Noise(self.xt[index], self.weight[index], self.rate[index])
 

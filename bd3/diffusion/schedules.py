@@ -9,8 +9,8 @@ drawn uniformly, ``t_of`` is also the CDF of the mask rate.
 
 Specs are strings, ``name`` or ``name:key=value:key=value`` (``gaussian:mu=0.5:sigma=0.2``).
 
-The truncated-Gaussian and bimodal schedules follow the seed reproduction report (§6.2).
-Its bimodal p(t) is piecewise (each half of [0, 1] sweeps all of (0, 1)), which is not
+The truncated-Gaussian and bimodal schedules follow a course team's reproduction report of
+the paper (not in this repository; the README's "Noise schedules" section states them). Its bimodal p(t) is piecewise (each half of [0, 1] sweeps all of (0, 1)), which is not
 monotone and makes the expected weighted loss twice the NELBO; bd3 uses the mixture's
 inverse CDF instead: the same distribution of mask rates, monotone, and an unbiased NELBO.
 """

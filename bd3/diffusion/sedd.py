@@ -29,13 +29,14 @@ With s = a r and dsigma * a = p'/p = w(t) (the masked-diffusion NELBO weight) it
 where CE = -log softmax_{y != mask}(logits)[x0] is the MDLM cross-entropy: SEDD's loss is
 the MDLM NELBO plus phi(u) >= 0, which vanishes when the scores' total is the true one
 (R = 1). This form needs no sigma (nothing diverges at p -> 0 or p -> 1) and is what
-training computes (:func:`sedd_token_loss`); :func:`score_entropy` is the textbook form.
+training computes (:func:`sedd_token_loss`); the tests check it against the textbook form
+(``tests/sedd_reference.py``).
 
 Sampling (Tweedie tau-leaping, the reference's ``_analytic_sampler``), from noise level t
-to s < t: :func:`tweedie_probs` is ``staggered_score(s, dsigma) * transp_transition(x,
-dsigma)``, dsigma = sigma_t - sigma_s. At a masked position it keeps the mask with
-probability ``1 - S (e^dsigma - 1)`` and moves to token y with ``s_y (e^dsigma - 1)``;
-clean positions are copied. With s = a r that is an unmasking probability
+to s < t: the reference's Tweedie probabilities are ``staggered_score(s, dsigma) *
+transp_transition(x, dsigma)`` (``tests/sedd_reference.py``), dsigma = sigma_t - sigma_s.
+At a masked position they keep the mask with probability ``1 - S (e^dsigma - 1)`` and move
+to token y with ``s_y (e^dsigma - 1)``; clean positions are copied. With s = a r that is an unmasking probability
 ``R (1 - p_s / p_t)`` (:func:`unmask_prob`: the MDLM update with the model's own total
 R) and a token drawn from r normalised.
 """
@@ -56,32 +57,6 @@ def total_noise(p: torch.Tensor) -> torch.Tensor:
     return torch.clamp(-torch.log1p(-p.double()), max=SIGMA_MAX)
 
 
-def log_score(logits: torch.Tensor, sigma: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """The reference's SEDD parameterisation at masked positions, float64:
-    ``log s_y = logit_y - log(e^sigma - 1) - log(V - 1)``, the mask column -inf.
-
-    ``logits`` (N, V), ``sigma`` (N,) or a scalar."""
-    logits = logits.double()
-    sigma = torch.as_tensor(sigma, dtype=torch.float64, device=logits.device)
-    out = logits - torch.log(torch.expm1(sigma))[..., None] - math.log(logits.shape[-1] - 1)
-    out[..., mask_id] = -torch.inf
-    return out
-
-
-def score_entropy(log_s: torch.Tensor, x0: torch.Tensor, sigma: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """The denoising score entropy of masked positions (textbook form), float64:
-    ``sum_{y != mask} s_y - a log s_x0 + a (log a - 1)``, a = 1 / (e^sigma - 1).
-
-    ``log_s`` (N, V) log-scores (the mask column ignored), ``x0`` (N,) clean tokens,
-    ``sigma`` (N,) total noise. Non-negative; zero iff s is a at x0 and 0 elsewhere.
-    Multiplied by dsigma it is the SEDD loss."""
-    log_s = log_s.double()
-    a = 1.0 / torch.expm1(torch.as_tensor(sigma, dtype=torch.float64, device=log_s.device))
-    a = a.expand(x0.shape)
-    total = log_s.index_fill(-1, torch.tensor([mask_id], device=log_s.device), -torch.inf).exp().sum(-1)
-    return total - a * log_s.gather(-1, x0[:, None])[:, 0] + a * (torch.log(a) - 1)
-
-
 def log_total_score(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
     """u = log R = logsumexp_{y != mask}(logits) - log(V - 1) (N,), float64: the log of the
     model's total score at a masked position relative to the true one. The logsumexp runs
@@ -91,7 +66,8 @@ def log_total_score(logits: torch.Tensor, mask_id: int) -> torch.Tensor:
 
 
 def sedd_token_loss(logits: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """The SEDD loss of masked positions, ``dsigma * score_entropy(log_score(logits, sigma))``,
+    """The SEDD loss of masked positions, ``dsigma * score_entropy(log_score(logits, sigma))``
+    (the textbook form, ``tests/sedd_reference.py``),
     computed as ``weight * (CE + phi(u))`` (module docstring), float32 (N,).
 
     ``logits`` (N, V) raw model output, ``x0`` (N,) clean tokens (never the mask), ``weight``
@@ -102,35 +78,9 @@ def sedd_token_loss(logits: torch.Tensor, x0: torch.Tensor, weight: torch.Tensor
     return (weight.double() * (ce + torch.expm1(u) - u)).float()
 
 
-def staggered_score(score: torch.Tensor, dsigma: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """``exp(dsigma Q) s`` for the absorbing graph's transposed rate Q (reference
-    ``_staggered_score``): ``e^dsigma * s``, plus ``(1 - e^dsigma) * sum(s)`` at the mask
-    column. ``score`` (N, V) with the mask column included (1 at a masked position)."""
-    dsigma = torch.as_tensor(dsigma, dtype=score.dtype, device=score.device)
-    e = torch.exp(dsigma)[..., None]
-    out = score * e
-    out[..., mask_id] += (1 - e[..., 0]) * score.sum(-1)
-    return out
-
-
-def transp_transition(x: torch.Tensor, dsigma: torch.Tensor, mask_id: int, vocab_size: int) -> torch.Tensor:
-    """Row x of ``exp(-dsigma Q)`` transposed (reference ``_transp_transition``), (N, V):
-    ``e^-dsigma`` at x, plus ``1 - e^-dsigma`` on every column where x is the mask."""
-    dsigma = torch.as_tensor(dsigma, dtype=torch.float64, device=x.device).expand(x.shape)
-    keep = torch.exp(-dsigma)
-    edge = torch.nn.functional.one_hot(x, vocab_size).double() * keep[:, None]
-    return edge + torch.where(x == mask_id, 1 - keep, 0.0)[:, None]
-
-
-def tweedie_probs(score: torch.Tensor, x: torch.Tensor, dsigma: torch.Tensor, mask_id: int) -> torch.Tensor:
-    """Unnormalised probabilities (N, V) of x_s given x_t = x over a noise step dsigma
-    (Tweedie tau-leaping): ``staggered_score * transp_transition``."""
-    return staggered_score(score.double(), dsigma, mask_id) * transp_transition(x, dsigma, mask_id, score.shape[-1])
-
-
 def unmask_prob(log_total: torch.Tensor, p_t: float, p_s: float) -> torch.Tensor:
     """Probability that a masked position unmasks from mask rate p_t to p_s < p_t, float64:
     ``min(1, R (1 - p_s / p_t))`` with ``log_total`` = log R (N,). Equals the token mass
-    ``S (e^dsigma - 1)`` of :func:`tweedie_probs` (sigma = -log(1 - p), S = a R); clipped
+    ``S (e^dsigma - 1)`` of the Tweedie probabilities (sigma = -log(1 - p), S = a R); clipped
     at 1 where an over-confident model would make the mask's probability negative."""
     return (log_total.double().exp() * (1.0 - p_s / p_t)).clamp(0.0, 1.0)

@@ -1,8 +1,9 @@
-"""Loss reweightings of the masked-diffusion NELBO (seed report §7; Kingma & Gao 2023).
+"""Loss reweightings of the masked-diffusion NELBO (Kingma & Gao 2023; the
+README's "Noise schedules, clipping and loss weighting" lists them).
 
 Each multiplies the NELBO weight p'(t)/p(t) of a masked token by w(lambda), a function of
 the log-SNR lambda(t) = log(alpha_t / (1 - alpha_t)) = log((1 - p) / p), so the objective
-does not depend on how t is parameterised. ``simple`` is the exception the report makes:
+does not depend on how t is parameterised. ``simple`` is the exception:
 it cancels the NELBO weight entirely (plain cross-entropy over the masked tokens).
 Training only: evaluation always reports the unweighted NELBO bound.
 

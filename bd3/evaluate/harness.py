@@ -62,7 +62,7 @@ class Bd3LM(TemplateLM):
         unknown = set(kwargs) - {"max_batch_size"}  # lm-eval passes max_batch_size to every model
         if unknown:
             raise Bd3Error(f"Unknown bd3 model argument(s) {', '.join(sorted(unknown))}; bd3 takes run, batch_size, device, estimator, passes, seed.")
-        from bd3.cli.common import load_model, open_run, run_tokenizer  # the run's strict loading and tokenizer check
+        from bd3.runs.load import load_model, open_run, run_tokenizer  # the run's strict loading and tokenizer check
         from bd3.runtime import resolve_device
 
         r = open_run(Path(run))

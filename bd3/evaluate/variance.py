@@ -1,4 +1,5 @@
-"""NELBO variance under clipped mask-rate intervals (paper §4.2, §5.2; reference §3.3-3.4).
+"""NELBO variance under clipped mask-rate intervals (paper §4.2, §5.2, and the
+reference code kuleshov-group/bd3lms).
 
 Two variances, reported side by side:
 - ``var_paper`` (the paper's eq. 9-10, the default): the variance across batches of the
@@ -73,3 +74,10 @@ def nelbo_variance(
 def variance_key(kind: str, estimator: str) -> str:
     """The result key of a variance (``paper`` or ``block``) of a training estimator."""
     return f"var_{kind}" + ("_k" if estimator == "k" else "")
+
+
+def lowest_variance(results: list[dict], kind: str, estimator: str) -> dict:
+    """The result (one interval's row of :func:`nelbo_variance`) whose variance ``kind`` of the
+    training ``estimator`` is lowest; ties: the first. The clip search's choice."""
+    key = variance_key(kind, estimator)
+    return min(results, key=lambda row: row[key])

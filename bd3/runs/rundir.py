@@ -249,7 +249,7 @@ def resolve_run(run: Path | None, root: Path = Path("runs")) -> Path:
     return newest
 
 
-RUN_ENTRIES = ("config.json", "tokenizer.json", "metrics.jsonl", "best.json", "checkpoints", "samples", "eval")  # the layout in design.md
+RUN_ENTRIES = ("config.json", "tokenizer.json", "metrics.jsonl", "best.json", "checkpoints", "samples", "eval")  # the layout in README.md, "Run directories"
 
 
 def check_replaceable(path: Path, force: bool, parent: str = "") -> None:

@@ -32,6 +32,7 @@ How a step is split (all of it deterministic from the seed and the step):
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import warnings
 from dataclasses import dataclass
@@ -57,6 +58,7 @@ class Parallel:
     world_size: int = 1
     local_rank: int = 0
     fsdp: bool = False
+    device: torch.device = torch.device("cpu")  # where the process group exchanges tensors (CUDA under nccl)
 
     @property
     def main(self) -> bool:
@@ -81,20 +83,44 @@ class Parallel:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return int(t.item())
 
-    def broadcast(self, obj):
-        """Rank 0's ``obj`` on every process (JSON-able values; pickled in memory only)."""
+    def broadcast(self, value):
+        """Rank 0's ``value`` (anything JSON represents) on every process, sent as the bytes of
+        its JSON text in a uint8 tensor: no pickle."""
         if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
+            return value
+        data = torch.frombuffer(bytearray(json.dumps(value).encode()), dtype=torch.uint8) if self.main else None
+        size = torch.tensor([0 if data is None else len(data)], dtype=torch.int64, device=self.device)
+        dist.broadcast(size, src=0)
+        buf = data.to(self.device) if data is not None else torch.empty(int(size.item()), dtype=torch.uint8, device=self.device)
+        dist.broadcast(buf, src=0)
+        return json.loads(bytes(buf.cpu().numpy()).decode())
 
-    def gather(self, obj) -> list:
-        """Every process's ``obj``, in rank order, on every process."""
+    def on_main(self, action):
+        """``action()`` on rank 0 only; its Bd3Error is raised on every process (none waits forever)."""
+        result, error = None, None
+        if self.main:
+            try:
+                result = action()
+            except Bd3Error as e:
+                error = e
+        message = self.broadcast(None if error is None else str(error))
+        if error is not None:
+            raise error
+        if message is not None:
+            raise Bd3Error(message)
+        return result
+
+    def gather(self, tensors: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
+        """Every process's ``tensors`` (the same names and shapes on each), in rank order, on
+        every process, on the CPU."""
         if not self.distributed:
-            return [obj]
-        out = [None] * self.world_size
-        dist.all_gather_object(out, obj)
+            return [tensors]
+        out = [{} for _ in range(self.world_size)]
+        for name, tensor in tensors.items():
+            parts = [torch.empty_like(tensor, device=self.device) for _ in range(self.world_size)]
+            dist.all_gather(parts, tensor.to(self.device))
+            for r, part in enumerate(parts):
+                out[r][name] = part.cpu()
         return out
 
 
@@ -123,7 +149,7 @@ def setup(device_name: str, fsdp: bool) -> tuple[Parallel, torch.device]:
         dist.init_process_group("nccl", timeout=TIMEOUT, device_id=device)
     else:
         dist.init_process_group("gloo", timeout=TIMEOUT)
-    return Parallel(rank, world, local_rank, fsdp), device
+    return Parallel(rank, world, local_rank, fsdp, device), device
 
 
 def shutdown() -> None:

@@ -6,6 +6,9 @@ run with exactly the losses it would have had without the interruption (same dev
 
 Under torchrun the same loop runs on every process (DDP, or FSDP2 with ``fsdp=True``), and a
 step may be split into micro-batches (``global_batch_size``); see :mod:`bd3.train.distributed`.
+
+Around this module: :mod:`bd3.train.state` writes and restores the training state of a
+checkpoint, :mod:`bd3.train.validation` scores each checkpoint (and runs the clip search).
 """
 
 from __future__ import annotations
@@ -22,50 +25,22 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from bd3 import __version__
 from bd3.choices import check_loggers
 from bd3.config import RunConfig
 from bd3.data.shards import TokenShards, unigram_perplexity
-from bd3.diffusion.clip_search import clip_grid
-from bd3.diffusion.estimators import resolve_estimator
 from bd3.diffusion.objective import diffusion_loss, draw_noise
 from bd3.errors import Bd3Error, Stopped
-from bd3.evaluate.perplexity import nelbo_perplexity
-from bd3.evaluate.variance import nelbo_variance, variance_key
 from bd3.model import DiT
 from bd3.model.backends import resolve_attn
 from bd3.paths import check_room
-from bd3.runs import Run, load_strict, load_tensors
+from bd3.runs import Run, load_strict
 from bd3.runtime import autocast, configure_model, resolve_precision
 from bd3.train import distributed as dist_
 from bd3.train.distributed import Parallel
 from bd3.train.ema import EMA
-from bd3.train.loggers import Loggers, open_loggers, read_state, sample_texts
-
-
-class Batches:
-    """Shuffled rows, epoch by epoch; (epoch, position) is the data position for resuming."""
-
-    def __init__(self, rows: np.ndarray, batch_size: int, seed: int, epoch: int = 0, position: int = 0) -> None:
-        if len(rows) < batch_size:
-            raise Bd3Error(
-                f"The training split has {len(rows)} rows of tokens, fewer than the (global) batch size {batch_size}; "
-                "use a smaller --batch-size / --global-batch-size or --length, or more data."
-            )
-        self.rows, self.batch_size, self.seed = rows, batch_size, seed
-        self.epoch, self.position = epoch, position
-        self._order = self._permutation()
-
-    def _permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.rows))
-
-    def next(self) -> torch.Tensor:
-        if self.position + self.batch_size > len(self.rows):
-            self.epoch, self.position = self.epoch + 1, 0
-            self._order = self._permutation()
-        idx = np.sort(self._order[self.position : self.position + self.batch_size])
-        self.position += self.batch_size
-        return torch.from_numpy(np.asarray(self.rows[idx], dtype=np.int64))
+from bd3.train.loggers import Loggers, open_loggers, read_state
+from bd3.train.state import Batches, restore, save
+from bd3.train.validation import checkpoint
 
 
 def lr_at(step: int, cfg) -> float:
@@ -115,8 +90,8 @@ class Trainer:
         self.loggers = Loggers()  # experiment trackers (rank 0), set by train()
 
     def _new_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW, fused (one kernel over all parameters: 4x faster than foreach on a CPU);
-        foreach for FSDP's sharded parameters."""
+        """AdamW, fused (one kernel over all parameters; benchmarks/README.md times it against
+        foreach); foreach for FSDP's sharded parameters."""
         tcfg = self.cfg.train
         kind = {"foreach": True} if self.sharded else {"fused": True}
         return torch.optim.AdamW(self.model.parameters(), lr=tcfg.lr, betas=tcfg.betas, weight_decay=tcfg.weight_decay, **kind)
@@ -180,101 +155,6 @@ class Trainer:
             (loss / self.accum).backward()
             total += loss.detach()
         return self.par.mean(total / self.accum)
-
-    # -- checkpoints --------------------------------------------------------------------
-    def state(self) -> tuple[dict[str, torch.Tensor], dict]:
-        """(tensors, counters) of the training state; under FSDP every process takes part and
-        rank 0 alone gets them."""
-        if self.sharded:
-            opt = dist_.full_optimizer_state(self.model, self.optimizer, self.par.main)
-        else:
-            opt = self.optimizer.state_dict()
-        rng = self._rng_states()
-        if not self.par.main:
-            return {}, {}
-        tensors = {
-            f"optimizer.{idx}.{name}": torch.as_tensor(value)
-            for idx, state in opt["state"].items() for name, value in state.items()
-        }
-        tensors.update(rng)
-        state = {
-            "step": self.step,
-            "skipped_steps": self.skipped,
-            "ema_updates": self.ema.updates,
-            "data": {"epoch": self.data.epoch, "position": self.data.position, "seed": self.data.seed},
-            "optimizer_param_groups": [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]],
-            "bd3_version": __version__,
-        }
-        return tensors, state
-
-    def _rng_states(self) -> dict[str, torch.Tensor]:
-        """rng.torch (rng.cuda on CUDA) of every process (rank r > 0 as rng.torch.rank<r>) and
-        the noise generator's state, which all processes share."""
-        own = {"rng.torch": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            own["rng.cuda"] = torch.cuda.get_rng_state(self.device)
-        states = {}
-        for r, theirs in enumerate(self.par.gather(own)):
-            states.update({k if r == 0 else f"{k}.rank{r}": v for k, v in theirs.items()})
-        states["rng.noise"] = self.noise.get_state()
-        return states
-
-    def weights(self) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """(model, EMA) tensors, gathered onto rank 0 under FSDP (every process takes part)."""
-        if not self.sharded:
-            return self.model.state_dict(), self.ema.state_dict()
-        return dist_.full_model_state(self.model, self.par.main), dist_.full_tensors(self.ema.shadow, self.par.main)
-
-    def save(self, run: Run, weights: tuple[dict, dict] | None = None) -> Path | None:
-        """Write a checkpoint (rank 0; the others take part in gathering and get None);
-        ``weights``: what :meth:`weights` returned, if the caller has it already."""
-        model, ema = weights or self.weights()
-        tensors, state = self.state()
-        if not self.par.main:
-            return None
-        return run.save_checkpoint(self.step, model, ema, tensors, state)
-
-    def restore(self, run: Run, ckpt: Path) -> None:
-        """Load a checkpoint written by :meth:`save`, strictly."""
-        load_strict(self.model, load_tensors(ckpt / "model.safetensors"), ckpt / "model.safetensors")
-        ema = load_tensors(ckpt / "ema.safetensors")
-        missing = sorted(set(self.ema.shadow) - set(ema))
-        if missing:
-            raise Bd3Error(f"{ckpt / 'ema.safetensors'} lacks {', '.join(missing)}; the checkpoint is incomplete.")
-        self.ema.shadow = {k: ema[k].float().to(self.device) for k in self.ema.shadow}
-        state = run.train_state(ckpt)
-        tensors = load_tensors(ckpt / "train_state.safetensors")
-        opt_state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            if key.startswith("optimizer."):
-                _, idx, name = key.split(".", 2)
-                opt_state.setdefault(int(idx), {})[name] = value
-        groups = self.optimizer.state_dict()["param_groups"]
-        try:
-            saved = state["optimizer_param_groups"]
-            for group, s in zip(groups, saved, strict=True):
-                group.update({k: tuple(v) if isinstance(v, list) else v for k, v in s.items()})
-            self.optimizer.load_state_dict({"state": opt_state, "param_groups": groups})
-            self.noise.set_state(tensors["rng.noise"])
-            self.step, self.skipped = int(state["step"]), int(state.get("skipped_steps", 0))
-            self._restore_rng(tensors)
-            self.ema.updates = int(state["ema_updates"])
-            d = state["data"]
-            self.data = Batches(self.data.rows, self.data.batch_size, d["seed"], d["epoch"], d["position"])
-        except (KeyError, ValueError, TypeError, RuntimeError) as e:
-            raise Bd3Error(f"The training state in {ckpt} is incomplete or corrupted ({e}); it cannot be resumed.") from None
-
-    def _restore_rng(self, tensors: dict[str, torch.Tensor]) -> None:
-        """This process's own torch RNG states; a rank the checkpoint lacks (more processes
-        than wrote it) is seeded from (seed, step, rank)."""
-        rank = self.par.rank
-        suffix = "" if rank == 0 else f".rank{rank}"
-        if f"rng.torch{suffix}" in tensors or rank == 0:
-            torch.set_rng_state(tensors[f"rng.torch{suffix}"])
-        else:
-            torch.manual_seed(dist_.rank_seed(self.cfg.train.seed, self.step, rank))
-        if self.device.type == "cuda" and f"rng.cuda{suffix}" in tensors:
-            torch.cuda.set_rng_state(tensors[f"rng.cuda{suffix}"], self.device)
 
     @contextlib.contextmanager
     def ema_weights(self, ema: dict[str, torch.Tensor] | None = None):
@@ -354,21 +234,21 @@ def _train(cfg, shards, out, par, device, init_weights, init_source, force, resu
         done = int(run.train_state(ckpts[-1]).get("step", 0))
         if done >= cfg.train.steps:
             raise Bd3Error(f"{run.path} already has {done} of {cfg.train.steps} steps; pass a larger --steps to continue.")
-        _on_main(par, lambda: check_room(run.path / "checkpoints", need, "move the run to a disk with room"))
-        trainer.restore(run, ckpts[-1])
+        par.on_main(lambda: check_room(run.path / "checkpoints", need, "move the run to a disk with room"))
+        restore(trainer, run, ckpts[-1])
         run.config = cfg
-        _on_main(par, run.write_config)
-        _on_main(par, run.remove_partial_checkpoints)
-        _on_main(par, lambda: run.truncate_metrics(trainer.step))
+        par.on_main(run.write_config)
+        par.on_main(run.remove_partial_checkpoints)
+        par.on_main(lambda: run.truncate_metrics(trainer.step))
     else:
         if init_weights is not None:
             load_strict(trainer.model, init_weights, init_source)
             trainer.ema = EMA(trainer.model, cfg.train.ema_decay)
-        _on_main(par, lambda: check_room(out, need, "choose another --out"))
-        run = _on_main(par, lambda: Run.create(out, cfg, shards.tokenizer.to_json(), force=force)) or Run(out, cfg)
+        par.on_main(lambda: check_room(out, need, "choose another --out"))
+        run = par.on_main(lambda: Run.create(out, cfg, shards.tokenizer.to_json(), force=force)) or Run(out, cfg)
     trainer.distribute()
     _announce(console, run, trainer, resumed=resume)
-    trainer.loggers = _on_main(par, lambda: _open_loggers(loggers, run, trainer, resume, console)) or Loggers()
+    trainer.loggers = par.on_main(lambda: _open_loggers(loggers, run, trainer, resume, console)) or Loggers()
     run.listeners.append(trainer.loggers.log)
     try:
         with _stop_requests() as stop:
@@ -396,22 +276,6 @@ def _open_loggers(names: Sequence[str], run: Run, trainer: Trainer, resume: bool
 def checkpoint_bytes(model: torch.nn.Module) -> int:
     """About one checkpoint's size: the weights, their EMA and AdamW's two moments, in float32."""
     return 4 * sum(p.numel() for p in model.parameters()) * 4 + (1 << 20)
-
-
-def _on_main(par: Parallel, action):
-    """``action()`` on rank 0 only; its Bd3Error is raised on every process (none waits forever)."""
-    result, error = None, None
-    if par.main:
-        try:
-            result = action()
-        except Bd3Error as e:
-            error = e
-    message = par.broadcast(None if error is None else str(error))
-    if error is not None:
-        raise error
-    if message is not None:
-        raise Bd3Error(message)
-    return result
 
 
 def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, stop: dict) -> float:
@@ -459,13 +323,13 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
             if trainer.par.distributed:  # a signal that reached one process stops them all, at the same step
                 _agree_on_stop(stop, trainer)
             if stop["signal"]:
-                path = trainer.save(run)
+                path = save(trainer, run)
                 name, code = stop["signal"]
                 if path is None:  # not rank 0, which says where it saved
                     raise Stopped(f"{name} received: process {trainer.par.rank} stopped at step {step}.", code)
                 raise Stopped(f"{name} received: saved {path} at step {step}. Continue with --resume.", code)
             if step == tcfg.steps or (tcfg.save_every and step % tcfg.save_every == 0):
-                _checkpoint(trainer, run, shards)
+                checkpoint(trainer, run, shards)
     return time.perf_counter() - start
 
 
@@ -473,76 +337,6 @@ def _agree_on_stop(stop: dict, trainer: Trainer) -> None:
     code = trainer.par.max_int(stop["signal"][1] if stop["signal"] else 0, trainer.device)
     if code and not stop["signal"]:
         stop["signal"] = ("SIGINT" if code == 130 else "SIGTERM", code)
-
-
-def _checkpoint(trainer: Trainer, run: Run, shards: TokenShards) -> None:
-    """Save; score the EMA weights on validation data (and run the clip search if asked);
-    keep best.json and the newest N checkpoints. Under torchrun rank 0 validates while the
-    others wait, then tells them the clip interval to train with."""
-    weights = trainer.weights()  # gathered once under FSDP: for the checkpoint and the validation
-    path = trainer.save(run, weights)
-    cfg, tcfg, par = trainer.cfg, trainer.cfg.train, trainer.par
-    ema = weights[1] if trainer.sharded else None
-
-    def validate() -> None:
-        valid = shards.rows("valid")
-        with trainer.ema_weights(ema) as model:
-            result = nelbo_perplexity(
-                model, valid, cfg.diffusion, cfg.data.mask_id, estimator=validation_estimator(cfg.diffusion),
-                batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches, seed=tcfg.seed, device=trainer.device,
-            )
-            if not np.isfinite(result["nelbo"]):
-                good = [c for c in run.checkpoints() if c != path]
-                kept = f"the last good checkpoint is {good[-1]}" if good else "no earlier checkpoint was written"
-                raise Bd3Error(
-                    f"The validation NELBO at step {trainer.step} is not finite ({result['nelbo']}): the weights in {path} diverged; "
-                    f"{kept}. Lower --lr, or use --precision fp32."
-                )
-            if cfg.diffusion.clip_search:
-                _clip_search(trainer, run, model, valid)
-            if trainer.loggers:
-                trainer.loggers.samples(trainer.step, sample_texts(model, trainer.cfg, shards.tokenizer))
-        run.log({"step": trainer.step, "event": "validation", "valid_nelbo": result["nelbo"], "valid_nelbo_se": result["nelbo_se"],
-                 "valid_ppl": result["ppl"], "valid_ppl_ci95": result["ppl_ci95"], "estimator": result["estimator"]})
-        run.record_best(path, trainer.step, result["nelbo"])
-        if tcfg.keep_last:
-            run.prune(tcfg.keep_last)
-        trainer.last_validation = result
-
-    _on_main(par, validate)  # an error on rank 0 reaches every process
-    clip = par.broadcast(list(trainer.cfg.diffusion.clip) if par.main else None)
-    if not par.main:
-        trainer.cfg = replace(cfg, diffusion=replace(cfg.diffusion, clip=tuple(clip)))
-
-
-def validation_estimator(d) -> str:
-    """Validation scores with the evaluation's default estimator (k for BD3-LM and MDLM: the
-    lowest variance), whatever the training estimator."""
-    return resolve_estimator(d.algo, d.block_size, None)
-
-
-def _clip_search(trainer: Trainer, run: Run, model, valid: np.ndarray) -> None:
-    """Score the paper's grid by NELBO variance; train with the minimiser unless fix_clip.
-    The interval in use is always the one in the run's config.json."""
-    cfg, tcfg = trainer.cfg, trainer.cfg.train
-    d = cfg.diffusion
-    if len(valid) < 2 * tcfg.batch_size:
-        raise Bd3Error(f"--clip-search needs at least two validation batches of {tcfg.batch_size}; the split has {len(valid)} rows.")
-    scores = nelbo_variance(
-        model, valid, d, cfg.data.mask_id, clip_grid(), batch_size=tcfg.batch_size, max_batches=tcfg.eval_batches,
-        seed=tcfg.seed, device=trainer.device, precision=trainer.precision,
-    )
-    criterion = variance_key(d.variance, d.estimator)
-    best = min(scores, key=lambda r: r[criterion])
-    chosen = (best["beta"], best["omega"])
-    run.log({
-        "step": trainer.step, "event": "clip_search", "variance": d.variance, "estimator": d.estimator, "clip": list(d.clip),
-        "best": list(chosen), "applied": not d.fix_clip,
-        "scores": [{k: v for k, v in r.items() if k not in ("schedule", "batches")} for r in scores],
-    })
-    if not d.fix_clip and chosen != tuple(d.clip):
-        trainer.cfg = run.config = replace(cfg, diffusion=replace(d, clip=chosen))
-        run.write_config()
 
 
 def _summarise(trainer: Trainer, run: Run, shards: TokenShards, console: Console, elapsed: float) -> dict:
