@@ -27,7 +27,6 @@ from bd3.model.backends import (
 )
 from bd3.runtime import configure_model
 from bd3.sampling.denoiser import ModelDenoiser
-from bd3.sampling.engine import Engine
 from tests.conftest import randomize
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
@@ -157,39 +156,6 @@ def test_xformers_biases_materialise_to_the_dense_masks(L, bs):
         assert torch.equal(got, mask[:rows].expand(3, rows, mask.shape[1]))
     causal, _ = backends.xformers_bias(None, L, 3, torch.float32, causal=True)
     assert torch.equal(causal.materialize((L, L)) == 0, torch.ones(L, L, dtype=torch.bool).tril())
-
-
-@torch.no_grad()
-def test_engine_runs_every_query_through_xformers_then_keeps_the_asked_ones(tiny_model, monkeypatch):
-    """The sampler's engine hands xformers boolean masks for whole rows and keeps the asked
-    queries after; with a stand-in for the kernel it equals the SDPA engine."""
-    seen = []
-
-    def stand_in(backend, q, k, v, mask, is_causal):
-        seen.append((backend, None if mask is None else mask.dtype, q.shape[2]))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-
-    monkeypatch.setattr("bd3.sampling.backbone.attend_with", stand_in)
-    monkeypatch.setattr("bd3.model.attention.attend_with", stand_in)  # the engine asks the model for its conditioning
-    model, bs = tiny_model, 4
-    tokens = torch.randint(0, 39, (2, 2 * bs), generator=torch.Generator().manual_seed(2))
-    query = torch.tensor([[4, 6], [5, 7]])
-
-    def run(attn):
-        model.attn = attn
-        engine = Engine(model)
-        cache = engine.new_cache(2)
-        engine.hidden(tokens[:, :3], 0, cache=cache)
-        cache.commit(3)
-        masked = engine.hidden(tokens, 3, cache=cache, mask=fold_mask(3, bs, bs, bs), query=query)
-        window = engine.hidden(tokens, 0, mask=block_causal_mask(2 * bs, bs), query=query)
-        return masked, window
-
-    want, got = run("sdpa"), run("xformers")
-    model.attn = "sdpa"
-    assert seen and all(b == "xformers" and dt in (None, torch.bool) and S in (1, 3, 2 * bs) for b, dt, S in seen)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_resolve_attn_names_what_cannot_run():

@@ -36,7 +36,7 @@ import torch
 from bd3.data.sources import HUB_HOST, hub_reachable
 from bd3.errors import Bd3Error
 from bd3.runtime import autocast
-from bd3.sampling.block import unigram_entropy
+from bd3.sampling.types import unigram_entropy
 from bd3.sampling.text import render, sample_documents
 
 MAX_WINDOW = 1024  # the reference's eval_context_size for a HuggingFace judge

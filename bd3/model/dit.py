@@ -210,14 +210,19 @@ class DiT(nn.Module):
         nn.init.zeros_(self.output_layer.linear.weight)
         nn.init.zeros_(self.output_layer.linear.bias)
 
-    def _conditioning(self, device: torch.device, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
-        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim); with ``sigma``
-        (B,) (SEDD's time conditioning) silu(sigma_map(sigma)), one row per sample."""
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_embed.embedding.device
+
+    def conditioning(self, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim) (what the
+        sampling engine folds into its weights); with ``sigma`` (B,) (SEDD's time
+        conditioning) silu(sigma_map(sigma)), one row per sample. None for the AR model."""
         if self.cfg.causal:
             return None
         if sigma is not None:
             return F.silu(self.sigma_map(sigma))
-        return F.silu(self.sigma_map(torch.zeros(1, device=device)))
+        return F.silu(self.sigma_map(torch.zeros(1, device=self.device)))
 
     def hidden_states(
         self,
@@ -243,7 +248,7 @@ class DiT(nn.Module):
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
         x = F.embedding(tokens, self.vocab_embed.embedding)
-        c = self._conditioning(tokens.device, sigma)
+        c = self.conditioning(sigma)
         cos, sin = self.rotary_emb.cos_sin(positions, self._compute_dtype(x))
         cos, sin = cos[:, None, None, :], signed_sin(sin)[:, None, None, :]
         last = len(self.blocks) - 1
@@ -281,17 +286,30 @@ class DiT(nn.Module):
         self,
         tokens: torch.Tensor,
         *,
-        positions: torch.Tensor | None = None,
+        positions: torch.Tensor | int | None = None,
         attn_mask: torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        last: int | None = None,
+        select: torch.Tensor | None = None,
         sigma: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Logits (B, S, V), or for the last ``last`` positions only."""
-        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, sigma=sigma)
-        if last is not None:
-            h = h[:, -last:]
-        return self.logits(h, c)
+        """Logits (B, S, V) of ``tokens`` (B, S); with ``select`` (B, n) bool, n <= S, only
+        at its True entries: (N, V) in row-major order (for n < S the last layer computes
+        the first n positions' queries only).
+
+        ``positions``: the rotary positions (S,), or an int, the first of S consecutive ones
+        (default 0). ``kv_cache``: the tokens attend to the cached ones too, and their K/V
+        are written after them (:class:`~bd3.model.kv_cache.KVCache`). Other arguments as
+        :meth:`hidden_states`."""
+        S = tokens.shape[1]
+        if isinstance(positions, int):
+            positions = torch.arange(positions, positions + S, device=tokens.device)
+        first = None if select is None or select.shape[1] == S else select.shape[1]
+        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, first=first, sigma=sigma)
+        if select is None:
+            return self.logits(h, c)
+        if c is not None and c.shape[0] > 1:  # one conditioning vector per row
+            c = c[select.nonzero()[:, 0]]
+        return self.logits(h[select], c)
 
     def new_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.vocab_embed.embedding

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bd3.model.backends import attend_with
+from bd3.model.dit import rotate
+
 
 
 def linear(
@@ -54,11 +55,6 @@ def linear(
     return y if residual is None else residual + y
 
 
-@torch.jit.ignore
-def _xformers(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], is_causal: bool) -> Tensor:
-    return attend_with("xformers", q, k, v, mask, is_causal)
-
-
 def layers(
     x: Tensor,
     B: int,
@@ -78,7 +74,6 @@ def layers(
     mask: Optional[Tensor],
     query: Optional[Tensor],
     is_causal: bool,
-    xformers: bool,
 ) -> Tensor:
     """The transformer layers on the embedded tokens ``x`` (B*S, D): the last residual
     stream (B, S, D), or (B, Q, D) at the positions ``query`` (B, Q).
@@ -86,10 +81,10 @@ def layers(
     Per layer four products (qkv, out, fc1, fc2: entries 4i..4i+3 of ``packed`` for ``"fp16"``,
     else of ``weight`` and ``bias``) in ``compute``, LayerNorm (its affine folded into the
     next product), the residual stream, rotary and attention in ``dtype``. ``cos``/``sin``
-    (1, S, 1, 1, hd): rotary tables with the sign of ``rotate_half`` folded into ``sin``.
-    With ``cache_k``/``cache_v`` (layers, B, H, capacity, hd) the tokens' K/V are written
-    after the ``length`` cached ones and attention runs over both; ``mask`` (S, kv) is
-    additive (boolean for xformers). At the last layer only the ``query`` positions are
+    (1, S, 1, 1, hd): rotary tables with the sign of ``rotate_half`` folded into ``sin``
+    (:func:`bd3.model.dit.rotate`). With ``cache_k``/``cache_v`` (layers, B, H, capacity,
+    hd) the tokens' K/V are written after the ``length`` cached ones and attention runs over
+    both; ``mask`` (S, kv) is additive. At the last layer only the ``query`` positions are
     computed (the others still give keys and values)."""
     D = x.shape[1]
     hd = D // heads
@@ -99,29 +94,21 @@ def layers(
         h = F.layer_norm(x, [D]).to(compute)
         qkv = linear(h, kind, packed, weight, bias, 4 * i).to(dtype).view(B, S, 3, heads, hd)
         qk = qkv[:, :, :2]
-        qk = torch.addcmul(qk * cos, qk.roll(hd // 2, dims=-1), sin)  # rotary on q and k together
+        qk = rotate(qk, cos, sin)  # rotary on q and k together
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
         if cache_k is not None and cache_v is not None:
             cache_k[i, :, :, length:end] = k
             cache_v[i, :, :, length:end] = v
             k, v = cache_k[i, :, :, :end], cache_v[i, :, :, :end]
         m = mask
-        a = q
-        if xformers:  # every query (a bias covers whole rows); the asked ones are kept below
-            a = _xformers(q, k, v, m, is_causal)
         if i == n - 1 and query is not None:
             Q = query.shape[1]
-            rows = query[:, None, :, None].expand(B, heads, Q, hd)
-            if xformers:
-                a = a.gather(2, rows)
-            else:
-                q = q.gather(2, rows)
+            q = q.gather(2, query[:, None, :, None].expand(B, heads, Q, hd))
             x = x.view(B, S, D).gather(1, query[:, :, None].expand(B, Q, D)).view(B * Q, D)
-            if m is not None and not xformers:
+            if m is not None:
                 m = m[query][:, None]  # (B, 1, Q, kv)
             S = Q
-        if not xformers:
-            a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
         x = linear(a.transpose(1, 2).reshape(B * S, D).to(compute), kind, packed, weight, bias, 4 * i + 1, residual=x)
         h = linear(F.layer_norm(x, [D]).to(compute), kind, packed, weight, bias, 4 * i + 2, gelu=True)
         x = linear(h, kind, packed, weight, bias, 4 * i + 3, residual=x)
