@@ -232,8 +232,7 @@ class RunJudge:
         device = self.model.vocab_embed.embedding.device
         x = window.to(device)
         with autocast(device, self.precision):
-            h, c = self.model.hidden_states(x[None, :-1])
-            return self.model.nll(h[0], c, x[1:], self.tokenizer.mask_id).double()
+            return self.model(x[None, :-1], targets=x[None, 1:], mask_id=self.tokenizer.mask_id)[0].double()
 
 
 class HFJudge:

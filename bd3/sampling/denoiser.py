@@ -32,8 +32,8 @@ from typing import Protocol
 
 import torch
 
-from bd3.diffusion.masks import block_causal_mask
 from bd3.model.kv_cache import KVCache
+from bd3.model.mask import Mask
 from bd3.sampling.threads import ThreadTuner
 
 
@@ -76,7 +76,6 @@ class ModelDenoiser:
         self.pending: torch.Tensor | None = None  # clean tokens not yet in the cache
         self.pending_start = 0
         self.ctx: torch.Tensor | None = None  # uncached: the clean context tokens
-        self._masks: dict[tuple[int, int, int], torch.Tensor] = {}
 
     def commit(self, tokens: torch.Tensor, start: int) -> None:
         if self.attention == "causal":
@@ -108,7 +107,7 @@ class ModelDenoiser:
                 return self._cached(tokens, start, rows, pos)
             n = 0 if self.ctx is None else self.ctx.shape[1]
             seq = tokens if n == 0 else torch.cat([self.ctx, tokens], dim=1)
-            mask = block_causal_mask(seq.shape[1], tokens.shape[1], str(tokens.device)) if self.attention == "block" and n else None
+            mask = Mask.block_causal(tokens.shape[1]) if self.attention == "block" and n else None
             return self.net(seq, positions=0, attn_mask=mask, select=_select(rows, pos + n, seq.shape), sigma=sigma)
 
     def _kv(self, batch: int) -> KVCache:
@@ -119,7 +118,7 @@ class ModelDenoiser:
     def _causal(self, tokens, start, rows, pos) -> torch.Tensor:
         cache, S = self._kv(tokens.shape[0]), tokens.shape[1]
         cache.make_room(S)
-        mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_() if S > 1 else None
+        mask = Mask.causal(cache.length) if S > 1 else None
         logits = self.net(tokens, positions=start, attn_mask=mask, kv_cache=cache, select=_select(rows, pos, tokens.shape))
         cache.commit(S)
         return logits
@@ -132,25 +131,13 @@ class ModelDenoiser:
         # fold the pending clean tokens into this call; they must not see the noisy block
         m = self.pending.shape[1]
         cache.make_room(m + W)
-        mask = self._fold_mask(cache.length, m, W, block.device)
+        mask = Mask.cached_pass(cache.length, m, self.block_size)
         tokens = torch.cat([self.pending, block], dim=1)
         logits = self.net(tokens, positions=self.pending_start, attn_mask=mask, kv_cache=cache,
                           select=_select(rows, pos + m, tokens.shape))
         cache.commit(m)
         self.pending = None
         return logits
-
-    def _fold_mask(self, cached: int, m: int, W: int, device) -> torch.Tensor:
-        key = (cached, m, W)
-        mask = self._masks.get(key)
-        if mask is None:
-            mask = torch.ones(m + W, cached + m + W, dtype=torch.bool, device=device)
-            mask[:m, cached : cached + m] = block_causal_mask(m, self.block_size, str(device))
-            mask[:m, cached + m :] = False
-            if len(self._masks) > 64:
-                self._masks.clear()
-            self._masks[key] = mask
-        return mask
 
 
 def _select(rows: torch.Tensor, pos: torch.Tensor, shape: torch.Size) -> torch.Tensor:

@@ -28,6 +28,8 @@ model's (:class:`bd3.model.KVCache`: K after rotary, and V).
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
@@ -35,6 +37,7 @@ from bd3.choices import MODEL_PRECISIONS, SAMPLE_PRECISIONS
 from bd3.errors import Bd3Error
 from bd3.model.dit import signed_sin
 from bd3.model.kv_cache import KVCache
+from bd3.model.mask import Mask
 from bd3.runtime import resolve_precision
 from bd3.sampling import backbone
 
@@ -250,7 +253,7 @@ class Engine:
         tokens: torch.Tensor,
         *,
         positions: int = 0,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: Mask | torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         select: torch.Tensor | None = None,
         sigma: torch.Tensor | None = None,
@@ -276,15 +279,15 @@ class Engine:
         start: int = 0,
         *,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: Mask | torch.Tensor | None = None,
         query: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
         """The last residual stream of ``tokens`` (B, S) at rotary positions start..start+S-1:
         (B, S, D), or (B, Q, D) at the positions ``query`` (B, Q) of each row.
 
-        With ``cache`` the tokens attend to the cached tokens and (per ``mask``, (S, kv)
-        boolean or additive float, default all) to each other; their K/V are written after
+        With ``cache`` the tokens attend to the cached tokens and (per ``mask``, a
+        :class:`Mask` or a (S, kv) boolean or additive float table, default all) to each other; their K/V are written after
         the cached ones. ``causal`` (without a cache or mask): causal attention.
         """
         B, S = tokens.shape
@@ -292,14 +295,16 @@ class Engine:
         cos, sin = self._rotary(start, S)
         if causal and cache is None and mask is None and query is not None:
             mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()  # queries subset: explicit
-        if mask is not None and mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         k = v = None
         length = 0
         if cache is not None:
             if cache.length + S > cache.capacity:
                 raise ValueError(f"KV cache overflow: {cache.length + S} > {cache.capacity}; call make_room first")
             k, v, length = cache.k, cache.v, cache.length
+        if isinstance(mask, Mask):
+            mask = _additive(mask, S, length + S, self.dtype, str(self.device))
+        elif mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         return self._layers(
             x, B, S, *self._weights, self.H, self.dtype, self.compute,
             cos[None, :, None, None, :], sin[None, :, None, None, :], k, v, length,
@@ -319,6 +324,12 @@ class Engine:
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm (no affine: folded into the next layer) in float32, cast for the product."""
         return F.layer_norm(x, (self.D,)).to(self.compute)
+
+
+@lru_cache(maxsize=64)
+def _additive(mask: Mask, rows: int, cols: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``mask``'s table as an additive (0 / -inf) one, made once per shape."""
+    return torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill_(~mask.dense(rows, cols, device), -torch.inf)
 
 
 def pack_queries(rows: torch.Tensor, pos: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
