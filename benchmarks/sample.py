@@ -51,7 +51,6 @@ from bd3.model import DiT
 from bd3.sampling.block import sample_blocks
 from bd3.sampling.denoiser import ModelDenoiser
 from bd3.sampling.engine import Engine
-from bd3.sampling.threads import ThreadTuner
 
 MODELS = {
     "nano": (lambda: model_config("nano", 128), 8192),
@@ -82,7 +81,7 @@ def build(name: str, precision: str = "fp32") -> tuple[Counting, ModelConfig, in
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return Counting(Engine(model, precision)), cfg, vocab
+    return Counting(Engine(model, precision, threads=THREADS)), cfg, vocab
 
 
 THREADS = None  # --threads
@@ -91,7 +90,7 @@ THREADS = None  # --threads
 def run(engine: Counting, cfg: ModelConfig, vocab: int, *, tokens, block, batch, cache, rule, seed, prompt=None):
     engine.passes = 0
     t = time.perf_counter()
-    den = ModelDenoiser(engine, block_size=block, context=cfg.length - block, kv_cache=cache, tuner=ThreadTuner(THREADS))
+    den = ModelDenoiser(engine, block_size=block, context=cfg.length - block, kv_cache=cache)
     out = sample_blocks(den, samples=list(range(batch)), max_tokens=tokens, block_size=block, length=cfg.length,
                         mask_id=vocab - 1, bos_id=0, seed=seed, rule=rule, prompt=prompt)
     dt = time.perf_counter() - t

@@ -78,6 +78,20 @@ def test_engine_equals_the_model(tiny_model):
     torch.testing.assert_close(got, tiny_model(x, select=select), atol=1e-5, rtol=0)
 
 
+def test_engine_only_where_it_is_tested(tiny_model):
+    """auto: the engine on a CPU, the DiT itself elsewhere and for a time-conditioned
+    (SEDD) model; asking for the engine off a CPU, or for fp16 without it, is an error."""
+    assert isinstance(inference_forward(tiny_model), Engine)
+    assert inference_forward(tiny_model, time_conditioned=True) is tiny_model
+    assert inference_forward(tiny_model, False, "bf16") is tiny_model
+    with pytest.raises(ValueError, match="needs the CPU engine"):
+        inference_forward(tiny_model, False, "fp16")
+    elsewhere = DiT(tiny_model.cfg, V).to("meta")  # any device but a CPU
+    assert inference_forward(elsewhere) is elsewhere
+    with pytest.raises(ValueError, match="CPUs only"):
+        inference_forward(elsewhere, True)
+
+
 def test_engine_single_row_output_layer(tiny_model):
     """One row takes the split-vocabulary product (V = 40 here, even; 41 pads): the same logits."""
     for vocab in (40, 41):
@@ -630,7 +644,7 @@ def test_cli_reduced_precision_sampling(runs, capsys, monkeypatch, algo, precisi
     if precision == "fp16" and not fp16_weights_supported("cpu"):
         pytest.skip("this torch has no FBGEMM (precision fp16 is x86 only)")
     built = []
-    monkeypatch.setattr(engine, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    monkeypatch.setattr(engine, "Engine", lambda model, precision, **kw: built.append(precision) or Engine(model, precision, **kw))
     code, out, err = bd3(capsys, "sample", runs[algo], "--max-tokens", 40, "--num-samples", 2, "--format", "jsonl",
                          "--device", "cpu", "--precision", precision)
     assert code == 0, err
@@ -659,7 +673,7 @@ def test_cli_default_precision_is_auto(runs, capsys, monkeypatch):
     from bd3.sampling.engine import sampling_precision
 
     built = []
-    monkeypatch.setattr(engine, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    monkeypatch.setattr(engine, "Engine", lambda model, precision, **kw: built.append(precision) or Engine(model, precision, **kw))
     code, _, err = bd3(capsys, "sample", runs["bd3lm"], "--max-tokens", 20, "--device", "cpu")
     assert code == 0 and built == [sampling_precision("auto", torch.device("cpu"))], err
 

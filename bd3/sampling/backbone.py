@@ -1,15 +1,18 @@
-"""The inference engine's arithmetic, written so that TorchScript can compile it.
+"""The sampling engine's layer loop, written so that TorchScript can compile it.
 
 A sampling call of a small model is a few hundred small operations, and from Python each
-one costs a few microseconds of interpreter time before any arithmetic: about 0.8 ms of a
-5 ms call of the reference's ``tiny`` model on 2 CPU cores. :class:`~bd3.sampling.engine.Engine`
+one costs some interpreter time before any arithmetic, a noticeable share of a call at the
+reference's ``tiny`` size (benchmarks/README.md, "Sampling"). :class:`~bd3.sampling.engine.Engine`
 therefore runs :func:`layers` compiled by ``torch.jit.script`` (same operations, same
 results, bit for bit; pinned by a test), and runs it as plain Python where scripting is not
 available (:func:`scripted` says which).
 
-``torch.jit.script`` is deprecated in favour of ``torch.compile``, which compiles C++ on
-first use (a minute on 2 cores, and again for every new cache length); TorchScript
-compiles this module in well under a second and needs no compiler.
+Why TorchScript, which is deprecated, and not ``torch.compile``: ``torch.compile`` generates
+and compiles C++ on first use and again for every new KV-cache length (the sampler's shapes
+change every block), which costs more than a whole sample at this size; TorchScript
+compiles this function once, in well under a second, with no compiler. This module is the
+only TorchScript in bd3; if ``torch.jit`` goes away, :func:`scripted` returns None and the
+engine runs :func:`layers` as Python (slower, the same results).
 
 No ``from __future__ import annotations`` here: TorchScript reads the annotations.
 """

@@ -34,7 +34,6 @@ import torch
 
 from bd3.model.kv_cache import KVCache
 from bd3.model.mask import Mask
-from bd3.sampling.threads import ThreadTuner
 
 
 class Denoiser(Protocol):
@@ -51,7 +50,7 @@ class Denoiser(Protocol):
 class ModelDenoiser:
     """A model's forward as a :class:`Denoiser`; see the module docstring. ``net``: the DiT
     or its accelerator (``net(tokens, positions=, attn_mask=, kv_cache=, select=, sigma=)``
-    and ``net.new_kv_cache``); ``tuner`` picks the CPU threads of each call."""
+    and ``net.new_kv_cache``)."""
 
     def __init__(
         self,
@@ -61,7 +60,6 @@ class ModelDenoiser:
         block_size: int = 1,
         context: int = 0,
         kv_cache: bool = True,
-        tuner: ThreadTuner | None = None,
     ) -> None:
         if attention not in ("block", "full", "causal"):
             raise ValueError(f"attention must be 'block', 'full' or 'causal', not {attention!r}")
@@ -70,7 +68,6 @@ class ModelDenoiser:
         self.net = net
         self.attention, self.block_size, self.context = attention, block_size, max(context, 0)
         self.kv_cache = kv_cache or attention == "causal"
-        self.tuner = tuner or ThreadTuner(None, net.device)
         self.calls = 0
         self.cache: KVCache | None = None  # made at the first call, for its batch
         self.pending: torch.Tensor | None = None  # clean tokens not yet in the cache
@@ -100,15 +97,14 @@ class ModelDenoiser:
     def __call__(self, tokens: torch.Tensor, start: int, rows: torch.Tensor, pos: torch.Tensor,
                  sigma: torch.Tensor | None = None) -> torch.Tensor:
         self.calls += 1
-        with self.tuner.call():
-            if self.attention == "causal":
-                return self._causal(tokens, start, rows, pos)
-            if self.kv_cache:
-                return self._cached(tokens, start, rows, pos)
-            n = 0 if self.ctx is None else self.ctx.shape[1]
-            seq = tokens if n == 0 else torch.cat([self.ctx, tokens], dim=1)
-            mask = Mask.block_causal(tokens.shape[1]) if self.attention == "block" and n else None
-            return self.net(seq, positions=0, attn_mask=mask, select=_select(rows, pos + n, seq.shape), sigma=sigma)
+        if self.attention == "causal":
+            return self._causal(tokens, start, rows, pos)
+        if self.kv_cache:
+            return self._cached(tokens, start, rows, pos)
+        n = 0 if self.ctx is None else self.ctx.shape[1]
+        seq = tokens if n == 0 else torch.cat([self.ctx, tokens], dim=1)
+        mask = Mask.block_causal(tokens.shape[1]) if self.attention == "block" and n else None
+        return self.net(seq, positions=0, attn_mask=mask, select=_select(rows, pos + n, seq.shape), sigma=sigma)
 
     def _kv(self, batch: int) -> KVCache:
         if self.cache is None:

@@ -40,6 +40,7 @@ from bd3.model.kv_cache import KVCache
 from bd3.model.mask import Mask
 from bd3.runtime import resolve_precision
 from bd3.sampling import backbone
+from bd3.sampling.threads import ThreadTuner
 
 
 def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -77,11 +78,13 @@ def sampling_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def inference_forward(model, engine: bool | None = None, precision: str = "fp32", *, time_conditioned: bool = False):
+def inference_forward(model, engine: bool | None = None, precision: str = "fp32", *, threads: int | None = None,
+                      time_conditioned: bool = False):
     """What the samplers run ``model`` (a DiT) through: its :class:`Engine` (``engine=True``;
-    a CPU only) or the DiT itself (``engine=False``, at fp32 or under bf16 autocast); None
-    picks the engine on a CPU, the DiT elsewhere. A time-conditioned model (SEDD) runs as
-    itself (the engine folds the constant conditioning)."""
+    a CPU only; ``threads`` as :class:`Engine`'s) or the DiT itself (``engine=False``, at
+    fp32 or under bf16 autocast); None picks the engine on a CPU, the DiT elsewhere. A
+    time-conditioned model (SEDD) runs as itself (the engine folds the constant
+    conditioning)."""
     cpu = model.device.type == "cpu"
     if engine is None:
         engine = cpu and not time_conditioned
@@ -90,7 +93,7 @@ def inference_forward(model, engine: bool | None = None, precision: str = "fp32"
     if engine and not cpu:
         raise ValueError(f"the sampling engine runs on CPUs only (it is tested there); {model.device} samples through the DiT")
     if engine:
-        return Engine(model, precision)
+        return Engine(model, precision, threads=threads)
     if precision not in MODEL_PRECISIONS:
         raise ValueError(f"precision {precision!r} needs the CPU engine; the model itself runs in {' or '.join(MODEL_PRECISIONS)}")
     return model
@@ -135,8 +138,7 @@ def weight_lists(kind: str, linears: list[Linear]) -> tuple[list, list, list]:
 def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The output layer for one row as two half-vocabulary products (``baddbmm``: one per
     thread): (2, D, V/2) and (2, 1, V/2), the vocabulary padded to even. For a single row
-    this streams the float32 weights about 15% faster per sampling call than oneDNN's one
-    product (measured at V = 50k, D = 256 on 2 cores)."""
+    this streams the float32 weights faster than oneDNN's one product (benchmarks/README.md)."""
     V, D = weight.shape
     half = (V + 1) // 2
     w = weight.new_zeros(2 * half, D)
@@ -165,9 +167,12 @@ class Engine:
     ``"fp16"`` (CPU with FBGEMM: :func:`fp16_weights_supported`), the linear layers' weights
     stored as float16, products and outputs float32 (logits within ~2.5e-4 of fp32, relative to
     their scale). The residual stream, LayerNorm, attention and the KV cache stay in the
-    model's dtype (float32 attention is also the faster one on a CPU)."""
+    model's dtype (float32 attention is also the faster one on a CPU).
 
-    def __init__(self, model, precision: str = "fp32") -> None:
+    ``threads``: CPU threads for every call, or None to let :attr:`tuner` (a
+    :class:`~bd3.sampling.threads.ThreadTuner`) choose them by timing the calls."""
+
+    def __init__(self, model, precision: str = "fp32", *, threads: int | None = None) -> None:
         if precision not in SAMPLE_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, not {precision!r}")
         if model.device.type != "cpu":
@@ -207,6 +212,7 @@ class Engine:
             self.rotary = model.rotary_emb
         self._weights = (self.kind, *weight_lists(self.kind, linears))  # backbone.layers' arguments
         self._layers = backbone.scripted() or backbone.layers
+        self.tuner = ThreadTuner(threads, self.device)
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
 
@@ -263,12 +269,13 @@ class Engine:
         ``positions``: the first of S consecutive rotary positions."""
         if sigma is not None:
             raise ValueError("the engine folds the constant conditioning: a time-conditioned model runs as itself")
-        if select is None:
-            return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask))
-        rows, pos = select.nonzero(as_tuple=True)
-        query, slot = pack_queries(rows, pos, tokens.shape[0])
-        h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query)
-        return self.logits(h[rows, slot])
+        with self.tuner.call():
+            if select is None:
+                return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask))
+            rows, pos = select.nonzero(as_tuple=True)
+            query, slot = pack_queries(rows, pos, tokens.shape[0])
+            h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query)
+            return self.logits(h[rows, slot])
 
     __call__ = forward
 

@@ -25,7 +25,6 @@ from bd3.sampling.denoiser import ModelDenoiser
 from bd3.sampling.engine import inference_forward
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.sedd import sample_sedd
-from bd3.sampling.threads import ThreadTuner
 from bd3.sampling.types import BlockEvent, Decoding, Sample
 
 TOKEN_BYTES = 96  # per token of each sample: its id in the sampler's buffer (8) and as a Python int (40), its text and JSON
@@ -67,9 +66,9 @@ def generate(
     ``prompt``: every sample's first tokens (BOS included; default BOS alone); or
     ``prompts``, one per sample (``num_samples`` is then their number), with ``max_tokens``
     an int or one per sample. ``streams``: sample i draws from ``(seed, streams[i])``
-    instead of ``(seed, i)``. ``engine``: run on the CPU accelerator
-    (:mod:`bd3.sampling.engine`), or on the DiT itself; None (auto): the accelerator on a
-    CPU, the DiT elsewhere. ``precision``: fp32; bf16 (the accelerator's linear layers in
+    instead of ``(seed, i)``. ``engine``: run on the CPU engine
+    (:mod:`bd3.sampling.engine`), or on the DiT itself; None (auto): the engine on a CPU,
+    the DiT elsewhere. ``threads``: the engine's CPU threads (None: chosen by timing). ``precision``: fp32; bf16 (the accelerator's linear layers in
     bf16, or the DiT under bf16 autocast); fp16 (the accelerator's linear weights in float16,
     x86 CPUs)."""
     decoding = decoding or Decoding()
@@ -82,11 +81,10 @@ def generate(
             raise ValueError(f"{name} has {len(per_sample)} entries for {num_samples} samples")
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
-    # built once, shared by the batches: the forward (the DiT or its CPU accelerator) and
-    # what the thread tuner learnt
-    net = inference_forward(model, engine, precision, time_conditioned=algo == "sedd")
+    # built once, shared by the batches: the forward (the DiT, or its CPU engine and what
+    # the engine's thread tuner learnt)
+    net = inference_forward(model, engine, precision, threads=threads, time_conditioned=algo == "sedd")
     device = net.device
-    tuner = ThreadTuner(threads, device)
     batch_size = max(min(batch_size or num_samples, num_samples), 1)
     if prompts is None:
         prompt = list(prompt) if prompt is not None else [data.start_id]
@@ -102,14 +100,14 @@ def generate(
                           max_tokens=[max_tokens[i] for i in samples] if isinstance(max_tokens, Sequence) else max_tokens,
                           rng=None if streams is None else RowRNG.for_samples(seed, [streams[i] for i in samples]))
             if algo == "ar":
-                out += sample_ar(ModelDenoiser(net, attention="causal", context=L - 1, tuner=tuner), **common)
+                out += sample_ar(ModelDenoiser(net, attention="causal", context=L - 1), **common)
             elif algo == "sedd":
-                den = ModelDenoiser(net, attention="full", kv_cache=False, tuner=tuner)
+                den = ModelDenoiser(net, attention="full", kv_cache=False)
                 out += sample_sedd(den, schedule=config.diffusion.schedule, **common)
             elif algo == "mdlm":
-                den = ModelDenoiser(net, attention="full", kv_cache=False, block_size=bs, context=L - bs, tuner=tuner)
+                den = ModelDenoiser(net, attention="full", kv_cache=False, block_size=bs, context=L - bs)
                 out += sample_blocks(den, block_size=bs, mdlm=True, **common)
             else:
-                den = ModelDenoiser(net, block_size=bs, context=L - bs, kv_cache=kv_cache, tuner=tuner)
+                den = ModelDenoiser(net, block_size=bs, context=L - bs, kv_cache=kv_cache)
                 out += sample_blocks(den, block_size=bs, **common)
     return out
