@@ -19,7 +19,6 @@ from bd3.data.tokenizer import load_tokenizer
 from bd3.diffusion.masks import block_causal_mask
 from bd3.model import DiT, KVCache
 from bd3.runs import Run
-from bd3.sampling.ar import sample_ar
 from bd3.sampling.block import sample_blocks
 from bd3.sampling.denoiser import ModelDenoiser
 from bd3.sampling.engine import Engine, inference_forward

@@ -12,43 +12,20 @@ rule is checked every ``report_every`` new tokens of a row).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-
 import torch
 
 from bd3.sampling.denoiser import Denoiser
-from bd3.sampling.rng import RowRNG
-from bd3.sampling.rows import Prompt, Rows, run_rows
+from bd3.sampling.rows import Rows, run_rows
 from bd3.sampling.rules import draw, subs_weights
-from bd3.sampling.types import BlockEvent, Decoding, Sample
+from bd3.sampling.types import Sample
 
 
-def sample_ar(
-    den: Denoiser,
-    *,
-    batch: int | None = None,
-    max_tokens: int | Sequence[int],
-    length: int,
-    mask_id: int,
-    bos_id: int = 0,
-    eos_id: int | None = None,
-    prompt: Prompt | None = None,
-    prompts: Sequence[Prompt] | None = None,
-    seed: int = 0,
-    samples: Sequence[int] | None = None,
-    rng: RowRNG | None = None,
-    decoding: Decoding | None = None,
-    report_every: int = 16,
-    on_block: Callable[[BlockEvent], None] | None = None,
-    device: torch.device | str = "cpu",
-    **decoding_kw,
-) -> list[Sample]:
-    """``max_tokens`` tokens per row (BOS and prompt included) from a causal denoiser
-    (``ModelDenoiser(model, attention="causal", ...)``); see ``sample_blocks``."""
-    dec = decoding or Decoding(**decoding_kw)
-    rows = Rows(max_tokens=max_tokens, length=length, mask_id=mask_id, bos_id=bos_id, eos_id=eos_id, prompt=prompt,
-                prompts=prompts, batch=batch, samples=samples, seed=seed, rng=rng, decoding=dec, on_block=on_block,
-                device=device, report_every=report_every)
+def sample_ar(den: Denoiser, *, report_every: int = 16, **options) -> list[Sample]:
+    """Samples token by token from a causal denoiser (``ModelDenoiser(model,
+    attention="causal", ...)``); ``options`` as :func:`bd3.sampling.block.sample_blocks`'.
+    ``on_block`` is called every ``report_every`` new tokens of a row, and when rows end."""
+    rows = Rows(report_every=report_every, **options)
+    dec, mask_id, device = rows.decoding, rows.mask_id, rows.device
     R = report_every
     first = int(rows.given.min())
     # each row's uniforms by position, R at a time from its first new token

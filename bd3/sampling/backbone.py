@@ -19,7 +19,7 @@ No ``from __future__ import annotations`` here: TorchScript reads the annotation
 
 import functools
 import warnings
-from typing import List, Optional
+from typing import List, NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,31 +28,30 @@ from torch import Tensor
 from bd3.model.dit import rotate
 
 
+class Weights(NamedTuple):
+    """The engine's linear layers, one kind for all (see :class:`~bd3.sampling.engine.Linear`):
+    ``packed`` for ``"fp16"`` (bias included), else ``weight`` and ``bias``."""
 
-def linear(
-    x: Tensor,
-    kind: str,
-    packed: List[torch.classes.quantized.LinearPackedParamsBase],
-    weight: List[Tensor],
-    bias: List[Optional[Tensor]],
-    j: int,
-    gelu: bool = False,
-    residual: Optional[Tensor] = None,
-) -> Tensor:
-    """Product ``j``: ``x @ W.T + b``, optionally through the tanh GELU or added to a
-    residual. ``packed[j]`` for the kind ``"fp16"`` (bias included), else ``weight[j]`` and
-    ``bias[j]``; see :class:`~bd3.sampling.engine.Linear` for the kinds."""
-    if kind == "fp16":
-        y = torch.ops.quantized.linear_dynamic_fp16(x, packed[j])
-    elif kind == "onednn":
+    kind: str
+    packed: List[torch.classes.quantized.LinearPackedParamsBase]
+    weight: List[Tensor]
+    bias: List[Optional[Tensor]]
+
+
+def linear(x: Tensor, w: Weights, j: int, gelu: bool = False, residual: Optional[Tensor] = None) -> Tensor:
+    """Product ``j`` of ``w``: ``x @ W.T + b``, optionally through the tanh GELU or added to
+    a residual."""
+    if w.kind == "fp16":
+        y = torch.ops.quantized.linear_dynamic_fp16(x, w.packed[j])
+    elif w.kind == "onednn":
         if residual is not None and residual.dtype == x.dtype:
-            return torch.ops.mkldnn._linear_pointwise(x, residual, weight[j], bias[j], "add")  # the binary overload
+            return torch.ops.mkldnn._linear_pointwise(x, residual, w.weight[j], w.bias[j], "add")  # the binary overload
         if gelu:
-            return torch.ops.mkldnn._linear_pointwise(x, weight[j], bias[j], "gelu", [], "tanh")
-        y = torch.ops.mkldnn._linear_pointwise(x, weight[j], bias[j], "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, w.weight[j], w.bias[j], "gelu", [], "tanh")
+        y = torch.ops.mkldnn._linear_pointwise(x, w.weight[j], w.bias[j], "none", [], "")
     else:
-        b = bias[j]
-        y = x @ weight[j] if b is None else torch.addmm(b, x, weight[j])
+        b = w.bias[j]
+        y = x @ w.weight[j] if b is None else torch.addmm(b, x, w.weight[j])
     if gelu:
         y = F.gelu(y, approximate="tanh")
     return y if residual is None else residual + y
@@ -62,10 +61,7 @@ def layers(
     x: Tensor,
     B: int,
     S: int,
-    kind: str,
-    packed: List[torch.classes.quantized.LinearPackedParamsBase],
-    weight: List[Tensor],
-    bias: List[Optional[Tensor]],
+    w: Weights,
     heads: int,
     dtype: torch.dtype,
     compute: torch.dtype,
@@ -81,8 +77,7 @@ def layers(
     """The transformer layers on the embedded tokens ``x`` (B*S, D): the last residual
     stream (B, S, D), or (B, Q, D) at the positions ``query`` (B, Q).
 
-    Per layer four products (qkv, out, fc1, fc2: entries 4i..4i+3 of ``packed`` for ``"fp16"``,
-    else of ``weight`` and ``bias``) in ``compute``, LayerNorm (its affine folded into the
+    Per layer four products (qkv, out, fc1, fc2: entries 4i..4i+3 of ``w``) in ``compute``, LayerNorm (its affine folded into the
     next product), the residual stream, rotary and attention in ``dtype``. ``cos``/``sin``
     (1, S, 1, 1, hd): rotary tables with the sign of ``rotate_half`` folded into ``sin``
     (:func:`bd3.model.dit.rotate`). With ``cache_k``/``cache_v`` (layers, B, H, capacity,
@@ -91,11 +86,11 @@ def layers(
     computed (the others still give keys and values)."""
     D = x.shape[1]
     hd = D // heads
-    n = len(bias) // 4
+    n = len(w.bias) // 4
     end = length + S
     for i in range(n):
         h = F.layer_norm(x, [D]).to(compute)
-        qkv = linear(h, kind, packed, weight, bias, 4 * i).to(dtype).view(B, S, 3, heads, hd)
+        qkv = linear(h, w, 4 * i).to(dtype).view(B, S, 3, heads, hd)
         qk = qkv[:, :, :2]
         qk = rotate(qk, cos, sin)  # rotary on q and k together
         q, k, v = qk[:, :, 0].transpose(1, 2), qk[:, :, 1].transpose(1, 2), qkv[:, :, 2].transpose(1, 2)
@@ -112,9 +107,9 @@ def layers(
                 m = m[query][:, None]  # (B, 1, Q, kv)
             S = Q
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=m, is_causal=is_causal)
-        x = linear(a.transpose(1, 2).reshape(B * S, D).to(compute), kind, packed, weight, bias, 4 * i + 1, residual=x)
-        h = linear(F.layer_norm(x, [D]).to(compute), kind, packed, weight, bias, 4 * i + 2, gelu=True)
-        x = linear(h, kind, packed, weight, bias, 4 * i + 3, residual=x)
+        x = linear(a.transpose(1, 2).reshape(B * S, D).to(compute), w, 4 * i + 1, residual=x)
+        h = linear(F.layer_norm(x, [D]).to(compute), w, 4 * i + 2, gelu=True)
+        x = linear(h, w, 4 * i + 3, residual=x)
     return x.view(B, S, D)
 
 

@@ -35,73 +35,43 @@ whole block. So a row's tokens are those it gets alone, whatever the other rows'
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import functools
 
 import torch
 
 from bd3.sampling.denoiser import Denoiser
-from bd3.sampling.rng import RowRNG
-from bd3.sampling.rows import Prompt, Rows, run_rows
+from bd3.sampling.rows import Rows, run_rows
 from bd3.sampling.rules import confidence, draw, subs_weights
 from bd3.sampling.types import ENTROPY_WINDOW, BlockEvent, Decoding, Sample  # noqa: F401 - the CLI imports them from here
 
 
-def sample_blocks(
-    den: Denoiser,
-    *,
-    batch: int | None = None,
-    max_tokens: int | Sequence[int],
-    block_size: int,
-    length: int,
-    mask_id: int,
-    bos_id: int = 0,
-    eos_id: int | None = None,
-    prompt: Prompt | None = None,
-    prompts: Sequence[Prompt] | None = None,
-    seed: int = 0,
-    samples: Sequence[int] | None = None,
-    rng: RowRNG | None = None,
-    decoding: Decoding | None = None,
-    mdlm: bool = False,
-    on_block: Callable[[BlockEvent], None] | None = None,
-    device: torch.device | str = "cpu",
-    **decoding_kw,
-) -> list[Sample]:
-    """Generate ``batch`` samples of ``max_tokens`` tokens each (BOS and prompt included,
-    fewer for rows that stop), block by block, from the denoiser ``den``
-    (:class:`~bd3.sampling.denoiser.ModelDenoiser` for a model, on ``device``).
+def sample_blocks(den: Denoiser, *, block_size: int, mdlm: bool = False, **options) -> list[Sample]:
+    """Samples block by block from the denoiser ``den``
+    (:class:`~bd3.sampling.denoiser.ModelDenoiser` for a model); ``options`` are the
+    batch's (:class:`~bd3.sampling.rows.Rows`: ``max_tokens``, ``length``, ``mask_id``,
+    prompts, samples, seed, ``on_block``, ...) and :class:`Decoding`'s fields.
 
-    ``prompt``: every row's first tokens (BOS included; default BOS alone); or ``prompts``,
-    one per row (the batch is then their number), and ``max_tokens`` one per row.
     ``mdlm``: the first block is the whole ``length``, then blocks of ``block_size`` (MDLM's
     semi-autoregressive stride over a window of ``length``; ``den`` has full attention).
-    Randomness: sample ``samples[i]`` (default i) draws from a generator seeded by ``(seed,
-    samples[i])`` unless ``rng`` is given. ``on_block`` gets a :class:`BlockEvent` after
-    every block. Extra keywords are :class:`Decoding` fields.
     """
-    dec = decoding or Decoding(**decoding_kw)
-    rows = Rows(max_tokens=max_tokens, length=length, mask_id=mask_id, bos_id=bos_id, eos_id=eos_id, prompt=prompt,
-                prompts=prompts, batch=batch, samples=samples, seed=seed, rng=rng, decoding=dec, on_block=on_block,
-                device=device)
+    rows = Rows(**options)
+    length = rows.length
     first = [(0, length)] if mdlm else []
     spans = first + [(s, s + block_size) for s in range(length if mdlm else 0, rows.width, block_size)]
-    done: list[tuple[int, int]] = []  # the last span, committed to the denoiser when the next one starts
-
-    def step(s: int, e: int) -> bool:
-        if done:
-            den.commit(rows.seq[:, done[0][0] : done[0][1]], done[0][0])
-        done[:] = [(s, e)]
-        if e <= int(rows.given.min()):  # a prompt block for every row: into the cache with the next call
-            return False
-        _denoise(den, rows.seq[:, s:e], s, rows.generated(s, e), rows.rng, rows.nfe, dec, mask_id=mask_id, eos_id=rows.eos_id)
-        return True
-
-    return run_rows(rows, spans, step, den.select)
+    return run_rows(rows, spans, functools.partial(_denoise, den, rows, {e: s for s, e in spans}), den.select)
 
 
-def _denoise(den: Denoiser, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id, eos_id) -> None:
-    """Unmask the ``todo`` positions of ``blk`` (B, W) in place by ``dec.rule`` (``eos_id``:
-    a row stops denoising after its first end-of-text token)."""
+def _denoise(den: Denoiser, batch: Rows, starts: dict[int, int], start: int, end: int) -> bool:
+    """The block [start, end): give the denoiser the previous block (clean now; ``starts``:
+    each block's start by its end), then unmask the positions each row generates, in place,
+    by the decoding's rule; a row stops denoising after its first end-of-text token. False
+    for a block that is prompt for every row (it goes into the cache with the next call)."""
+    if start in starts:
+        den.commit(batch.seq[:, starts[start] : start], starts[start])
+    if end <= int(batch.given.min()):
+        return False
+    dec, mask_id, eos_id, rng, nfe = batch.decoding, batch.mask_id, batch.eos_id, batch.rng, batch.nfe
+    blk, todo = batch.seq[:, start:end], batch.generated(start, end)
     B, W = blk.shape
     device = blk.device
     # per row: W for the order / steps, W for the tokens; none for a row with nothing to do
@@ -141,7 +111,7 @@ def _denoise(den: Denoiser, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *
             else:
                 rows = active.nonzero()[:, 0]
                 if rows.numel() == 0:
-                    return
+                    return True
                 pos = pos[rows]
             sample(call(rows, pos), rows, pos)
     elif dec.rule == "ddpm":
@@ -157,7 +127,7 @@ def _denoise(den: Denoiser, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *
         while True:
             rows, pos = todo.nonzero(as_tuple=True)
             if rows.numel() == 0:
-                return
+                return True
             w = call(rows, pos)
             conf = confidence(w)
             pick = conf > dec.threshold
@@ -170,3 +140,4 @@ def _denoise(den: Denoiser, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *
             first = first[(picked == 0) & (first < N)]
             pick[first] = True
             sample(w[pick], rows[pick], pos[pick])
+    return True

@@ -123,16 +123,17 @@ class Linear:
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         else:
             self.weight = weight.t().contiguous()
-        self._lists = weight_lists(kind, [self])  # built once: the output layer runs every call
+        self._weights = weights(kind, [self])  # built once: the output layer runs every call
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone.linear(x, self.kind, *self._lists, 0, gelu, residual)
+        return backbone.linear(x, self._weights, 0, gelu, residual)
 
 
-def weight_lists(kind: str, linears: list[Linear]) -> tuple[list, list, list]:
-    """:func:`bd3.sampling.backbone.linear`'s ``packed``, ``weight`` and ``bias`` lists."""
+def weights(kind: str, linears: list[Linear]) -> backbone.Weights:
+    """``linears`` as :func:`bd3.sampling.backbone.linear` takes them."""
     fp16 = kind == "fp16"
-    return [lin.packed for lin in linears] if fp16 else [], [] if fp16 else [lin.weight for lin in linears], [lin.bias for lin in linears]
+    return backbone.Weights(kind, [lin.packed for lin in linears] if fp16 else [], [] if fp16 else [lin.weight for lin in linears],
+                            [lin.bias for lin in linears])
 
 
 def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +211,7 @@ class Engine:
             self.head = self._linear(head_w, head_b)
             self._halves = _halves(head_w, head_b) if self.kind == "onednn" and self.compute == torch.float32 else None
             self.rotary = model.rotary_emb
-        self._weights = (self.kind, *weight_lists(self.kind, linears))  # backbone.layers' arguments
+        self._weights = weights(self.kind, linears)
         self._layers = backbone.scripted() or backbone.layers
         self.tuner = ThreadTuner(threads, self.device)
         self._cos = self._sin = None
@@ -313,7 +314,7 @@ class Engine:
         elif mask is not None and mask.dtype == torch.bool:
             mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         return self._layers(
-            x, B, S, *self._weights, self.H, self.dtype, self.compute,
+            x, B, S, self._weights, self.H, self.dtype, self.compute,
             cos[None, :, None, None, :], sin[None, :, None, None, :], k, v, length,
             mask, query, causal and cache is None and mask is None,
         )

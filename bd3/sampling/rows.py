@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import fields
 
 import torch
 
@@ -53,11 +54,23 @@ def row_prompts(prompt, prompts, rows: int, bos_id: int, device, *, max_tokens, 
     return [checked_prompt(p, bos_id, device, max_tokens=n, length=length) for p, n in zip(prompts, ends)], ends
 
 
+DECODING_FIELDS = frozenset(f.name for f in fields(Decoding))
+
+
 class Rows:
     """The batch while it samples: ``seq`` (B, width) holds every row's tokens (prompt, then
     masks until generated); ``given`` each row's prompt length (BOS included), ``ends`` its
     ``max_tokens``, ``index`` its sample number, ``nfe`` its model calls, ``rng`` its random
-    numbers. Rows that stop leave all of them."""
+    numbers. Rows that stop leave all of them.
+
+    The options every sampler takes: ``max_tokens`` per row (BOS and prompt included; an int
+    or one per row); ``length`` (the model's context), ``mask_id``, ``bos_id``, ``eos_id``;
+    ``prompt``, every row's first tokens (BOS included; default BOS alone), or ``prompts``,
+    one per row (the batch is then their number); the rows: ``samples`` (their sample
+    indices; default 0..n-1 for n = ``batch``), whose random numbers come from ``(seed,
+    sample)`` unless ``rng`` is given; ``decoding`` (or its fields as keywords);
+    ``on_block``, called with a :class:`BlockEvent` after each span (every ``report_every``
+    new tokens of a row, when given); ``device``."""
 
     def __init__(
         self,
@@ -65,19 +78,24 @@ class Rows:
         max_tokens: int | Sequence[int],
         length: int,
         mask_id: int,
-        bos_id: int,
-        eos_id: int | None,
-        prompt: Prompt | None,
-        prompts: Sequence[Prompt] | None,
-        batch: int | None,
-        samples: Sequence[int] | None,
-        seed: int,
-        rng: RowRNG | None,
-        decoding: Decoding,
-        on_block: Callable[[BlockEvent], None] | None,
-        device,
+        bos_id: int = 0,
+        eos_id: int | None = None,
+        prompt: Prompt | None = None,
+        prompts: Sequence[Prompt] | None = None,
+        batch: int | None = None,
+        samples: Sequence[int] | None = None,
+        seed: int = 0,
+        rng: RowRNG | None = None,
+        decoding: Decoding | None = None,
+        on_block: Callable[[BlockEvent], None] | None = None,
+        device: torch.device | str = "cpu",
         report_every: int | None = None,
+        **decoding_kw,
     ) -> None:
+        unknown = set(decoding_kw) - DECODING_FIELDS
+        if unknown:
+            raise TypeError(f"unexpected sampler options: {', '.join(sorted(unknown))}")
+        self.decoding = decoding = decoding or Decoding(**decoding_kw)
         if samples is None:  # 0..n-1 for n = batch, the rows of rng, the number of prompts, or 1
             n = next((n for n in (batch, None if rng is None else len(rng), None if prompts is None else len(prompts)) if n is not None), 1)
             samples = range(n)
@@ -85,7 +103,7 @@ class Rows:
         self.index = list(samples)
         self.rng = rng or RowRNG.for_samples(seed, self.index)
         prompt_list, ends = row_prompts(prompt, prompts, len(self.index), bos_id, device, max_tokens=max_tokens, length=length)
-        self.device, self.mask_id = device, mask_id
+        self.device, self.mask_id, self.length = device, mask_id, length
         self.given = torch.tensor([p.numel() for p in prompt_list])
         self.ends = torch.tensor(ends)
         self.width = max(ends)

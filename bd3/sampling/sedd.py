@@ -24,7 +24,7 @@ The score model is a :class:`~bd3.sampling.denoiser.Denoiser` called with the ti
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 
 import torch
 
@@ -32,40 +32,18 @@ from bd3.diffusion.schedules import get_schedule
 from bd3.diffusion.sedd import log_total_score, total_noise, unmask_prob
 from bd3.sampling.denoiser import Denoiser
 from bd3.sampling.rng import RowRNG
-from bd3.sampling.rows import Prompt, Rows, run_rows
+from bd3.sampling.rows import Rows, run_rows
 from bd3.sampling.rules import draw, subs_weights
-from bd3.sampling.types import BlockEvent, Decoding, Sample
+from bd3.sampling.types import Decoding, Sample
 
 
-def sample_sedd(
-    den: Denoiser,
-    *,
-    batch: int | None = None,
-    max_tokens: int | Sequence[int],
-    length: int,
-    mask_id: int,
-    bos_id: int = 0,
-    eos_id: int | None = None,
-    prompt: Prompt | None = None,
-    prompts: Sequence[Prompt] | None = None,
-    seed: int = 0,
-    samples: Sequence[int] | None = None,
-    rng: RowRNG | None = None,
-    decoding: Decoding | None = None,
-    schedule: str = "linear",
-    on_block: Callable[[BlockEvent], None] | None = None,
-    device: torch.device | str = "cpu",
-    **decoding_kw,
-) -> list[Sample]:
-    """``batch`` samples of ``max_tokens`` tokens each (BOS and prompt included, fewer for
-    rows that stop). ``decoding.steps`` is T per window (default: the positions it
-    generates); ``schedule`` spaces the mask rates of the grid (the run's). ``on_block``
-    gets a :class:`BlockEvent` after every window. Other arguments as
-    :func:`bd3.sampling.block.sample_blocks`."""
-    dec = decoding or Decoding(**decoding_kw)
-    rows = Rows(max_tokens=max_tokens, length=length, mask_id=mask_id, bos_id=bos_id, eos_id=eos_id, prompt=prompt,
-                prompts=prompts, batch=batch, samples=samples, seed=seed, rng=rng, decoding=dec, on_block=on_block,
-                device=device)
+def sample_sedd(den: Denoiser, *, schedule: str = "linear", **options) -> list[Sample]:
+    """Samples window by window from a time-conditioned denoiser. ``decoding.steps`` is T
+    per window (default: the positions it generates); ``schedule`` spaces the mask rates of
+    the grid (the run's). ``on_block`` is called after every window. ``options`` as
+    :func:`bd3.sampling.block.sample_blocks`'."""
+    rows = Rows(**options)
+    dec, length, mask_id = rows.decoding, rows.length, rows.mask_id
     stride = max(length // 2, 1)
     spans = [(0, length)] + [(s, s + stride) for s in range(length, rows.width, stride)]
     sched = get_schedule(schedule)
