@@ -53,8 +53,7 @@ def test_cached_denoiser_equals_recomputation_for_every_block(tiny_model, engine
         noisy[:, ::2] = MASK
         seq = torch.cat([x[:, :s], noisy], 1)
         with torch.no_grad():
-            h, c = tiny_model.hidden_states(seq, attn_mask=block_causal_mask(s + bs, bs))
-            want = tiny_model.logits(h[:, s:], c).reshape(B * bs, -1)
+            want = tiny_model(seq, attn_mask=block_causal_mask(s + bs, bs))[:, s:].reshape(B * bs, -1)
         torch.testing.assert_close(cached(noisy, s, rows, pos), want, atol=1e-5, rtol=0)
         torch.testing.assert_close(uncached(noisy, s, rows, pos), want, atol=1e-5, rtol=0)
         cached.commit(x[:, s : s + bs], s)
@@ -66,10 +65,8 @@ def test_engine_equals_the_model(tiny_model):
     engine = Engine(tiny_model)
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        h, c = tiny_model.hidden_states(x)
-        want = tiny_model.logits(h, c)
+        want = tiny_model(x)
     torch.testing.assert_close(engine(x), want, atol=1e-5, rtol=0)
-    torch.testing.assert_close(engine(x), tiny_model(x), atol=1e-5, rtol=0)
     select = torch.zeros(2, 16, dtype=torch.bool)
     select[0, [0, 3, 9]] = select[1, [2, 15]] = True
     got = engine(x, select=select)  # the last layer only at these positions
@@ -98,9 +95,10 @@ def test_engine_single_row_output_layer(tiny_model):
         engine = Engine(model)
         x = torch.randint(0, vocab - 1, (1, 16), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            h, c = model.hidden_states(x)
-            want = model.logits(h[:, 5], c)
-        got = engine.logits(engine.hidden(x, query=torch.tensor([[5]]))[:, 0])
+            want = model(x)[:, 5]
+        select = torch.zeros(1, 16, dtype=torch.bool)
+        select[0, 5] = True
+        got = engine(x, select=select)
         assert got.shape == (1, vocab)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -177,12 +175,10 @@ def test_reduced_precision_engine(tiny_model, precision, tol):
     assert engine.new_kv_cache(1).k.dtype == torch.float32  # attention in float32
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        h, c = tiny_model.hidden_states(x)
-        exact = tiny_model.logits(h, c)
+        exact = tiny_model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h, c = tiny_model.hidden_states(x)
-            auto = tiny_model.logits(h, c).float()
-    got = engine.logits(engine.hidden(x))
+            auto = tiny_model(x).float()
+    got = engine(x)
     assert got.dtype == torch.float32
     scale = exact.abs().max()
     assert (got - exact).abs().max() > 1e-6 * scale  # the reduced precision is really used

@@ -58,12 +58,6 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with the first half of the head dimension negated, for :func:`rotate`."""
     half = sin.shape[-1] // 2
@@ -71,8 +65,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary(x, cos, sin)`` in three kernels: ``rotate_half(x) * sin`` is
-    ``swap_halves(x) * signed_sin(sin)``."""
+    """GPT-NeoX rotary embedding ``x * cos + rotate_half(x) * sin`` in three kernels:
+    ``rotate_half(x) * sin`` is ``swap_halves(x) * signed_sin(sin)``. The one formulation:
+    the model, the sampling engine and its scripted layer loop all call it."""
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
     return torch.addcmul(x * cos, swapped, sin_signed)
 

@@ -8,7 +8,7 @@ only these rows (rows that stopped); ``calls`` counts model calls. Tests pin eac
 rule with a mock that implements it.
 
 :class:`ModelDenoiser` implements it over a model's forward (the DiT itself or its CPU
-accelerator, :mod:`bd3.sampling.accel`: the same call) in one of these layouts:
+engine, :mod:`bd3.sampling.engine`: the same call) in one of these layouts:
 
 - ``attention="block"``, ``kv_cache=True``: the clean tokens' K/V are cached. Committing a
   block costs no extra pass: the next call runs ``[clean tokens ; new noisy block]``, the
@@ -22,7 +22,7 @@ accelerator, :mod:`bd3.sampling.accel`: the same call) in one of these layouts:
 - ``attention="causal"`` (the AR model): every token a call gets is clean, so its K/V go
   into the cache at once (``commit`` has nothing to do); beyond the length the cache slides.
 
-The output layer runs only at the requested positions (and the accelerator's last layer
+The output layer runs only at the requested positions (and the engine's last layer
 computes only those queries).
 """
 
@@ -49,7 +49,7 @@ class Denoiser(Protocol):
 
 class ModelDenoiser:
     """A model's forward as a :class:`Denoiser`; see the module docstring. ``net``: the DiT
-    or its accelerator (``net(tokens, positions=, attn_mask=, kv_cache=, select=, sigma=)``
+    or its engine (``net(tokens, positions=, attn_mask=, kv_cache=, select=, sigma=)``
     and ``net.new_kv_cache``)."""
 
     def __init__(

@@ -267,7 +267,8 @@ class Engine:
     ) -> torch.Tensor:
         """``DiT.forward``'s logits: (B, S, V), or (N, V) at the True entries of ``select``
         (B, S) in row-major order, whose last layer then computes only those queries.
-        ``positions``: the first of S consecutive rotary positions."""
+        ``positions``: the first of S consecutive rotary positions (an int, where the DiT
+        also takes a tensor)."""
         if sigma is not None:
             raise ValueError("the engine folds the constant conditioning: a time-conditioned model runs as itself")
         with self.tuner.call():
@@ -295,8 +296,8 @@ class Engine:
         (B, S, D), or (B, Q, D) at the positions ``query`` (B, Q) of each row.
 
         With ``cache`` the tokens attend to the cached tokens and (per ``mask``, a
-        :class:`Mask` or a (S, kv) boolean or additive float table, default all) to each other; their K/V are written after
-        the cached ones. ``causal`` (without a cache or mask): causal attention.
+        :class:`Mask` or a (S, kv) boolean or additive float table, default all) to each
+        other; their K/V are written after the cached ones. ``causal`` (without a cache or mask): causal attention.
         """
         B, S = tokens.shape
         x = F.embedding(tokens, self.embedding).view(B * S, self.D)

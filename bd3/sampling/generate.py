@@ -66,11 +66,11 @@ def generate(
     ``prompt``: every sample's first tokens (BOS included; default BOS alone); or
     ``prompts``, one per sample (``num_samples`` is then their number), with ``max_tokens``
     an int or one per sample. ``streams``: sample i draws from ``(seed, streams[i])``
-    instead of ``(seed, i)``. ``engine``: run on the CPU engine
-    (:mod:`bd3.sampling.engine`), or on the DiT itself; None (auto): the engine on a CPU,
-    the DiT elsewhere. ``threads``: the engine's CPU threads (None: chosen by timing). ``precision``: fp32; bf16 (the accelerator's linear layers in
-    bf16, or the DiT under bf16 autocast); fp16 (the accelerator's linear weights in float16,
-    x86 CPUs)."""
+    instead of ``(seed, i)``. ``engine``: run on the CPU engine (:mod:`bd3.sampling.engine`),
+    or on the DiT itself; None (auto): the engine on a CPU, the DiT elsewhere. ``threads``:
+    the engine's CPU threads (None: chosen by timing). ``precision``: fp32; bf16 (the
+    engine's linear layers in bf16, or the DiT under bf16 autocast); fp16 (the engine's
+    linear weights in float16, x86 CPUs)."""
     decoding = decoding or Decoding()
     if prompts is not None:
         if prompt is not None:
@@ -92,7 +92,7 @@ def generate(
                   decoding=decoding, on_block=on_block, device=device)
     bs = max(L // 2, 1) if algo == "mdlm" else block_size or config.diffusion.block_size
     out: list[Sample] = []
-    # the model itself runs bf16 under autocast; the accelerator has its precision built in
+    # the model itself runs bf16 under autocast; the engine has its precision built in
     with autocast(device, precision) if net is model else contextlib.nullcontext():
         for first in range(0, num_samples, batch_size):
             samples = list(range(first, min(first + batch_size, num_samples)))

@@ -162,13 +162,13 @@ class Rows:
             new = [row[a - a0 : b - a0] for row, a, b in zip(self.seq[:, a0:e].tolist(), start.tolist(), end.tolist())]
             self.on_block(BlockEvent(list(self.index), new, finished))
             self.reported = e
-        if not finished or len(finished) == len(self.index):
-            if finished:
-                self.index = []
+        if not finished:
             return None
         keep = [r for r, why in enumerate(stop) if why is None]
-        self.rng.select(keep)
         self.index = [self.index[r] for r in keep]
+        if not keep:  # the batch is done
+            return None
+        self.rng.select(keep)
         cpu = torch.tensor(keep, dtype=torch.long)
         self.given, self.ends, self.nfe = self.given[cpu], self.ends[cpu], self.nfe[cpu]
         keep = cpu.to(self.device)
