@@ -14,8 +14,8 @@ Models (random weights, N(0, 0.02), which is all speed depends on):
   GPT-2 vocabulary (50,258 with the mask token), as in ``reference-performance.md``.
 
 Each configuration generates ``--tokens`` tokens per sample (BOS included) for ``--batches``
-samples with the first-hitting rule (``--rule``) through ``bd3.sampling.sample_blocks``,
-exactly as ``bd3 sample`` does. tokens/s counts generated tokens (all rows) over wall time,
+samples with the first-hitting rule (``--rule``) through ``bd3.sampling.sample_blocks`` and
+the CPU engine, exactly as ``bd3 sample`` does. tokens/s counts generated tokens (all rows) over wall time,
 median of ``--repeats`` runs after one short warm-up; ``NFE/token`` is model calls per
 generated token per sample (1 for first-hitting), ``passes/token`` backbone passes per
 generated token of the batch (batching shares a pass between rows).
@@ -49,6 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bd3.config import ModelConfig, model_config
 from bd3.model import DiT
 from bd3.sampling.block import sample_blocks
+from bd3.sampling.denoiser import ModelDenoiser
 from bd3.sampling.engine import Engine
 
 MODELS = {
@@ -62,20 +63,14 @@ class Counting:
 
     def __init__(self, engine: Engine) -> None:
         self.engine, self.passes = engine, 0
-        self.device, self.length = engine.device, engine.length
+        self.device = engine.device
 
-    def new_cache(self, *a, **k):
-        return self.engine.new_cache(*a, **k)
+    def new_kv_cache(self, *a, **k):
+        return self.engine.new_kv_cache(*a, **k)
 
-    def hidden(self, *a, **k):
+    def __call__(self, *a, **k):
         self.passes += 1
-        return self.engine.hidden(*a, **k)
-
-    def logits(self, h):
-        return self.engine.logits(h)
-
-    def __getattr__(self, name):
-        return getattr(self.engine, name)
+        return self.engine(*a, **k)
 
 
 def build(name: str, precision: str = "fp32") -> tuple[Counting, ModelConfig, int]:
@@ -86,7 +81,7 @@ def build(name: str, precision: str = "fp32") -> tuple[Counting, ModelConfig, in
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=g) * 0.02)
-    return Counting(Engine(model, precision)), cfg, vocab
+    return Counting(Engine(model, precision, threads=THREADS)), cfg, vocab
 
 
 THREADS = None  # --threads
@@ -95,8 +90,9 @@ THREADS = None  # --threads
 def run(engine: Counting, cfg: ModelConfig, vocab: int, *, tokens, block, batch, cache, rule, seed, prompt=None):
     engine.passes = 0
     t = time.perf_counter()
-    out = sample_blocks(engine, samples=list(range(batch)), max_tokens=tokens, block_size=block, length=cfg.length,
-                        mask_id=vocab - 1, bos_id=0, seed=seed, kv_cache=cache, rule=rule, prompt=prompt, threads=THREADS)
+    den = ModelDenoiser(engine, block_size=block, context=cfg.length - block, kv_cache=cache)
+    out = sample_blocks(den, samples=list(range(batch)), max_tokens=tokens, block_size=block, length=cfg.length,
+                        mask_id=vocab - 1, bos_id=0, seed=seed, rule=rule, prompt=prompt)
     dt = time.perf_counter() - t
     new = sum(s.new_tokens for s in out)
     return dt, new, sum(s.nfe for s in out) / new, engine.passes / new

@@ -32,6 +32,8 @@ from sample import build, loadavg  # noqa: E402 (benchmarks/sample.py: the same 
 
 from bd3.runtime import default_threads  # noqa: E402
 from bd3.sampling.block import sample_blocks  # noqa: E402
+from bd3.sampling.denoiser import ModelDenoiser  # noqa: E402
+from bd3.sampling.threads import ThreadTuner  # noqa: E402
 
 
 def spin(core: int) -> None:
@@ -47,8 +49,10 @@ def spin(core: int) -> None:
 def rate(engine, cfg, vocab: int, tokens: int, threads: int | None, seed: int) -> float:
     torch.set_num_threads(default_threads())  # what `bd3 sample` sets before the tuner takes over
     t = time.perf_counter()
-    out = sample_blocks(engine, samples=[0], max_tokens=tokens, block_size=16, length=cfg.length, mask_id=vocab - 1,
-                        bos_id=0, seed=seed, kv_cache=True, rule="first-hitting", threads=threads)
+    engine.engine.tuner = ThreadTuner(threads)  # a fresh tuner (or a fixed count) for this run
+    den = ModelDenoiser(engine, block_size=16, context=cfg.length - 16)
+    out = sample_blocks(den, samples=[0], max_tokens=tokens, block_size=16, length=cfg.length, mask_id=vocab - 1,
+                        bos_id=0, seed=seed, rule="first-hitting")
     return sum(s.new_tokens for s in out) / (time.perf_counter() - t)
 
 

@@ -59,3 +59,33 @@ def reference_fixture() -> Path:
     if not (path / "expected.safetensors").exists():
         pytest.fail(f"reference fixture not found at {path}: BD3_REFERENCE_FIXTURE names a folder without expected.safetensors")
     return path
+
+
+# -- the samplers over a DiT, with the denoiser generate() builds ---------------------------
+
+
+def block_samples(model, *, block_size: int, length: int, kv_cache: bool = True, mdlm: bool = False, engine: bool | None = None, **kw):
+    """``sample_blocks`` over ``model`` (through the CPU engine unless ``engine=False``)."""
+    from bd3.sampling.block import sample_blocks
+    from bd3.sampling.denoiser import ModelDenoiser
+    from bd3.sampling.engine import inference_forward
+
+    net = inference_forward(model, engine)
+    attention = "full" if mdlm else "block"
+    den = ModelDenoiser(net, attention=attention, block_size=block_size, context=length - block_size, kv_cache=kv_cache and not mdlm)
+    return sample_blocks(den, block_size=block_size, length=length, mdlm=mdlm, **kw)
+
+
+def ar_samples(model, *, length: int, engine: bool | None = None, **kw):
+    from bd3.sampling.ar import sample_ar
+    from bd3.sampling.denoiser import ModelDenoiser
+    from bd3.sampling.engine import inference_forward
+
+    return sample_ar(ModelDenoiser(inference_forward(model, engine), attention="causal", context=length - 1), length=length, **kw)
+
+
+def sedd_samples(model, **kw):
+    from bd3.sampling.denoiser import ModelDenoiser
+    from bd3.sampling.sedd import sample_sedd
+
+    return sample_sedd(ModelDenoiser(model, attention="full", kv_cache=False), **kw)

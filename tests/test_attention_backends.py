@@ -14,20 +14,12 @@ import torch.nn.functional as F
 
 from bd3.config import DiffusionConfig
 from bd3.diffusion.masks import block_causal_mask, block_diff_mask
-from bd3.diffusion.objective import denoiser_hidden
+from bd3.diffusion.objective import denoiser_input
 from bd3.errors import Bd3Error
 from bd3.model import backends
-from bd3.model.backends import (
-    block_mask_dense,
-    dense_of,
-    describe,
-    flex_block_mask,
-    resolve_attn,
-    tensor_bias,
-)
+from bd3.model.backends import flex_block_mask, resolve_attn, tensor_bias
+from bd3.model.mask import Mask
 from bd3.runtime import configure_model
-from bd3.sampling.denoiser import ModelDenoiser
-from bd3.sampling.engine import Engine
 from tests.conftest import randomize
 
 flex_attention = pytest.importorskip("torch.nn.attention.flex_attention").flex_attention
@@ -36,43 +28,88 @@ CUDA = torch.cuda.is_available()
 GRID = [(L, bs) for L in (8, 24, 64) for bs in sorted({1, 2, 4, 8, L}) if L % bs == 0]
 
 
-def fold_mask(cached: int, pending: int, width: int, block_size: int) -> torch.Tensor:
-    """The sampler's own cached-pass mask (ModelDenoiser._fold_mask), as it builds it."""
-    return ModelDenoiser._fold_mask(types.SimpleNamespace(block_size=block_size, _masks={}), cached, pending, width, "cpu")
+def fold_table(cached: int, pending: int, width: int, block_size: int) -> torch.Tensor:
+    """The sampler's cached pass written out: queries [pending clean ; noisy block], keys
+    [cached ; pending ; noisy]; the clean tokens see the cache, each other block-causally
+    and never the noisy block; the noisy block sees everything."""
+    mask = torch.ones(pending + width, cached + pending + width, dtype=torch.bool)
+    mask[:pending, cached : cached + pending] = block_causal_mask(pending, block_size)
+    mask[:pending, cached + pending :] = False
+    return mask
 
 
-def sampler_masks(L: int, bs: int) -> list[tuple[str, torch.Tensor]]:
-    """Block-causal over [context ; block] (no cache), and the cached pass with pending clean
-    blocks (a prompt, or the last block) against cached keys."""
-    out = [("block_causal", block_causal_mask(L, bs)), ("block_causal", block_causal_mask(L + bs, bs))]
+def sampler_masks(L: int, bs: int) -> list[tuple[Mask, torch.Tensor]]:
+    """Block-causal over [context ; block] (no cache), the cached pass with pending clean
+    blocks (a prompt, or the last block) against cached keys, and the AR model's causal
+    pass after a cache: each description with its table written out."""
+    out = [(Mask.block_causal(bs), block_causal_mask(n, bs)) for n in (L, L + bs)]
     for cached, pending in ((0, bs), (bs, bs), (L - 2 * bs, 2 * bs), (3, bs)):
-        if cached >= 0 and pending + bs <= L + bs:
-            out.append(("cached", fold_mask(cached, pending, bs, bs)))
+        if cached >= 0:
+            out.append((Mask.cached_pass(cached, pending, bs), fold_table(cached, pending, bs, bs)))
+    out += [(Mask.causal(c), torch.ones(bs, c + bs, dtype=torch.bool).tril(c)) for c in (0, 3)]
     return out
 
 
 @pytest.mark.parametrize("L,bs", GRID)
-def test_mask_functions_are_the_dense_masks(L, bs):
-    """Each dense mask is recognised as the mask function it came from, which reproduces it."""
-    for kind, mask in [("block_diff", block_diff_mask(L, bs)), *sampler_masks(L, bs)]:
-        d = describe(mask)
-        assert d.kind == kind or (kind == "cached" and d.kind == "block_causal")  # no cache yet: it is block-causal
-        assert torch.equal(dense_of(d.mod, *mask.shape), mask)
-    other = torch.rand(L, L + 3, generator=torch.Generator().manual_seed(L)) > 0.5
-    d = describe(other)
-    assert d.kind == "dense" and torch.equal(dense_of(d.mod, *other.shape), other)
+def test_mask_descriptions_are_the_dense_masks(L, bs):
+    """Each description's table is the mask it names, written out (the training mask:
+    bd3.diffusion.masks), and a query prefix is its first rows."""
+    cases = [(Mask.block_diff(L, bs), block_diff_mask(L, bs)), *sampler_masks(L, bs)]
+    for mask, table in cases:
+        assert torch.equal(mask.dense(*table.shape), table), mask
+        rows = table.shape[0] // 2
+        assert torch.equal(mask.dense(rows, table.shape[1]), table[:rows]), mask
+    with pytest.raises(ValueError, match="mask kind"):
+        Mask("dense")
+
+
+def block_mask_dense(block_mask) -> tuple[torch.Tensor, torch.Tensor]:
+    """What FlexAttention computes under ``block_mask``, as dense (Q, KV) bool masks: from
+    the forward's per-query-tile key tiles and from the backward's per-key-tile query tiles.
+    A pair counts when its tile is full, or partial and the mask function allows it."""
+    from torch.nn.attention.flex_attention import create_mask
+
+    b = block_mask
+    Q, KV = b.seq_lengths
+    tq, tk = b.BLOCK_SIZE
+    shape = (-(-Q // tq), -(-KV // tk))
+    allowed = create_mask(b.mask_mod, None, None, Q, KV, device=b.kv_indices.device)[0, 0]
+    out = []
+    for num, idx, full_num, full_idx, transposed in (
+        (b.kv_num_blocks, b.kv_indices, b.full_kv_num_blocks, b.full_kv_indices, False),
+        (b.q_num_blocks, b.q_indices, b.full_q_num_blocks, b.full_q_indices, True),
+    ):
+        partial = _pairs(_tiles(num, idx, shape, transposed), tq, tk, Q, KV)
+        full = _pairs(_tiles(full_num, full_idx, shape, transposed), tq, tk, Q, KV)
+        out.append(full.to(allowed.device) | (partial.to(allowed.device) & allowed))
+    return out[0], out[1]
+
+
+def _tiles(num, idx, shape: tuple[int, int], transposed: bool) -> torch.Tensor:
+    """(query tiles, key tiles) bool from the (batch 0, head 0) lists of tile indices."""
+    dense = torch.zeros(shape[::-1] if transposed else shape, dtype=torch.bool)
+    if num is not None:
+        for r, (n, row) in enumerate(zip(num[0, 0].tolist(), idx[0, 0].cpu())):
+            dense[r, row[:n].long()] = True
+    return dense.t() if transposed else dense
+
+
+def _pairs(tiles: torch.Tensor, tq: int, tk: int, Q: int, KV: int) -> torch.Tensor:
+    return tiles.repeat_interleave(tq, 0).repeat_interleave(tk, 1)[:Q, :KV]
 
 
 @pytest.mark.parametrize("L,bs", GRID)
 @pytest.mark.parametrize("tile", [8, backends.FLEX_TILE])
 def test_flex_block_masks_materialise_to_the_dense_masks(L, bs, tile):
     """What FlexAttention computes (full tiles, and partial tiles through the mask function;
-    forward and backward tile lists) is the dense mask, for every query prefix used."""
+    forward and backward tile lists) is the dense mask, for every query prefix used; an
+    explicit table is looked up."""
     train = block_diff_mask(L, bs)
-    cases = [(train, 2 * L), (train, L)] + [(m, m.shape[0]) for _, m in sampler_masks(L, bs)]
-    for mask, rows in cases:
-        fwd, bwd = block_mask_dense(flex_block_mask(mask, rows, tile))
-        assert torch.equal(fwd, mask[:rows]) and torch.equal(bwd, mask[:rows])
+    cases = [(Mask.block_diff(L, bs), train, 2 * L), (Mask.block_diff(L, bs), train, L), (train, train, L)]
+    cases += [(m, t, t.shape[0]) for m, t in sampler_masks(L, bs)]
+    for mask, table, rows in cases:
+        fwd, bwd = block_mask_dense(flex_block_mask(mask, rows, table.shape[1], "cpu", tile))
+        assert torch.equal(fwd, table[:rows]) and torch.equal(bwd, table[:rows])
 
 
 def test_flex_attention_on_the_cpu_equals_sdpa():
@@ -80,12 +117,14 @@ def test_flex_attention_on_the_cpu_equals_sdpa():
     block masks gives SDPA's output under the dense masks."""
     g = torch.Generator().manual_seed(0)
     for L, bs in ((8, 2), (24, 4)):  # eager flex costs ~0.5 s per new shape
-        train = block_diff_mask(L, bs)
-        for mask, rows in [(train, 2 * L), (train, L), (fold_mask(5, bs, bs, bs), 2 * bs), (block_causal_mask(L, bs), L)][: 4 if L == 8 else 1]:
+        train = (Mask.block_diff(L, bs), block_diff_mask(L, bs))
+        cases = [(*train, 2 * L), (*train, L), (Mask.cached_pass(5, bs, bs), fold_table(5, bs, bs, bs), 2 * bs),
+                 (Mask.block_causal(bs), block_causal_mask(L, bs), L)]
+        for mask, table, rows in cases[: 4 if L == 8 else 1]:
             q = torch.randn(2, 2, rows, 16, generator=g)
-            k, v = (torch.randn(2, 2, mask.shape[1], 16, generator=g) for _ in range(2))
-            out = flex_attention(q, k, v, block_mask=flex_block_mask(mask, rows, 16))
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:rows])
+            k, v = (torch.randn(2, 2, table.shape[1], 16, generator=g) for _ in range(2))
+            out = flex_attention(q, k, v, block_mask=flex_block_mask(mask, rows, table.shape[1], "cpu", 16))
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=table[:rows])
             torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -95,9 +134,9 @@ def _eager_flex(monkeypatch):
 
 @torch.no_grad()
 def test_model_with_flex_equals_sdpa_for_training_and_sampling(tiny_model, monkeypatch):
-    """The DiT with attn='flex' (eager kernel) gives the SDPA model's hidden states: the 2L
-    training pass (x_t queries at the last layer), the block-causal window, and a cached pass
-    that folds a clean block in."""
+    """The DiT with attn='flex' (eager kernel) gives the SDPA model's logits: the 2L
+    training pass (x_t queries at the last layer), the block-causal window (as a description
+    and as a table), and a cached pass that folds a clean block in."""
     _eager_flex(monkeypatch)
     model, L, bs = tiny_model, tiny_model.cfg.length, 4
     g = torch.Generator().manual_seed(1)
@@ -107,15 +146,16 @@ def test_model_with_flex_equals_sdpa_for_training_and_sampling(tiny_model, monke
 
     def run(attn):
         model.attn = attn
-        h = denoiser_hidden(model, xt, x0, cfg)[0]
-        window = model.hidden_states(x0[:, : 3 * bs], attn_mask=block_causal_mask(3 * bs, bs))[0]
+        tokens, kw = denoiser_input(xt, x0, cfg)
+        train = model(tokens, select=torch.ones(2, L, dtype=torch.bool), **kw)
+        window = model(x0[:, : 3 * bs], attn_mask=Mask.block_causal(bs))
+        table = model(x0[:, : 3 * bs], attn_mask=block_causal_mask(3 * bs, bs))  # an explicit table
         cache = model.new_kv_cache(2, L)
-        model.hidden_states(x0[:, :bs], kv_cache=cache)
+        model(x0[:, :bs], kv_cache=cache)
         cache.commit(bs)
-        mask = fold_mask(bs, bs, bs, bs)
         tokens = torch.cat([x0[:, bs : 2 * bs], xt[:, 2 * bs : 3 * bs]], dim=1)
-        cached = model.hidden_states(tokens, positions=torch.arange(bs, 3 * bs), attn_mask=mask, kv_cache=cache)[0]
-        return h, window, cached
+        cached = model(tokens, positions=bs, attn_mask=Mask.cached_pass(bs, bs, bs), kv_cache=cache)
+        return train, window, table, cached
 
     for got, want in zip(run("flex"), run("sdpa")):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
@@ -123,11 +163,12 @@ def test_model_with_flex_equals_sdpa_for_training_and_sampling(tiny_model, monke
 
 
 def test_tensor_bias_is_the_mask_aligned():
-    mask = fold_mask(5, 4, 4, 4)
-    for rows in (8, 4):
-        bias = tensor_bias(mask, rows, torch.float16)
-        assert bias.dtype == torch.float16 and bias.stride(0) % 8 == 0 and bias.shape == (rows, mask.shape[1])
-        assert torch.equal(bias == 0, mask[:rows]) and bool(torch.isinf(bias[~mask[:rows]]).all())
+    table = fold_table(5, 4, 4, 4)
+    for mask in (Mask.cached_pass(5, 4, 4), table):
+        for rows in (8, 4):
+            bias = tensor_bias(mask, rows, table.shape[1], torch.float16)
+            assert bias.dtype == torch.float16 and bias.stride(0) % 8 == 0 and bias.shape == (rows, table.shape[1])
+            assert torch.equal(bias == 0, table[:rows]) and bool(torch.isinf(bias[~table[:rows]]).all())
 
 
 def _materialise_xformers(bias, folded: bool, rows: int, cols: int, batch: int) -> torch.Tensor:
@@ -147,49 +188,16 @@ def _materialise_xformers(bias, folded: bool, rows: int, cols: int, batch: int) 
 @pytest.mark.parametrize("L,bs", GRID)
 def test_xformers_biases_materialise_to_the_dense_masks(L, bs):
     """xformers' bias objects are pure Python: materialised on the CPU they are the masks."""
-    train = block_diff_mask(L, bs)
-    cases = [(train, 2 * L), (train, L)] + [(m, m.shape[0]) for _, m in sampler_masks(L, bs)]
-    for mask, rows in cases:
-        bias, folded = backends.xformers_bias(mask, rows, 3, torch.float32)
-        if bs == L and mask is train:
+    train = (Mask.block_diff(L, bs), block_diff_mask(L, bs))
+    cases = [(*train, 2 * L), (*train, L)] + [(m, t, t.shape[0]) for m, t in sampler_masks(L, bs)]
+    for mask, table, rows in cases:
+        bias, folded = backends.xformers_bias(mask, rows, table.shape[1], 3, torch.float32)
+        if bs == L and mask.kind == "block_diff":
             assert folded and not isinstance(bias, torch.Tensor)  # block-diagonal classes where they fit
-        got = _materialise_xformers(bias, folded, rows, mask.shape[1], 3)
-        assert torch.equal(got, mask[:rows].expand(3, rows, mask.shape[1]))
-    causal, _ = backends.xformers_bias(None, L, 3, torch.float32, causal=True)
+        got = _materialise_xformers(bias, folded, rows, table.shape[1], 3)
+        assert torch.equal(got, table[:rows].expand(3, rows, table.shape[1]))
+    causal, _ = backends.xformers_bias(None, L, L, 3, torch.float32, causal=True)
     assert torch.equal(causal.materialize((L, L)) == 0, torch.ones(L, L, dtype=torch.bool).tril())
-
-
-@torch.no_grad()
-def test_engine_runs_every_query_through_xformers_then_keeps_the_asked_ones(tiny_model, monkeypatch):
-    """The sampler's engine hands xformers boolean masks for whole rows and keeps the asked
-    queries after; with a stand-in for the kernel it equals the SDPA engine."""
-    seen = []
-
-    def stand_in(backend, q, k, v, mask, is_causal):
-        seen.append((backend, None if mask is None else mask.dtype, q.shape[2]))
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
-
-    monkeypatch.setattr("bd3.sampling.backbone.attend_with", stand_in)
-    monkeypatch.setattr("bd3.model.attention.attend_with", stand_in)  # the engine asks the model for its conditioning
-    model, bs = tiny_model, 4
-    tokens = torch.randint(0, 39, (2, 2 * bs), generator=torch.Generator().manual_seed(2))
-    query = torch.tensor([[4, 6], [5, 7]])
-
-    def run(attn):
-        model.attn = attn
-        engine = Engine(model)
-        cache = engine.new_cache(2)
-        engine.hidden(tokens[:, :3], 0, cache=cache)
-        cache.commit(3)
-        masked = engine.hidden(tokens, 3, cache=cache, mask=fold_mask(3, bs, bs, bs), query=query)
-        window = engine.hidden(tokens, 0, mask=block_causal_mask(2 * bs, bs), query=query)
-        return masked, window
-
-    want, got = run("sdpa"), run("xformers")
-    model.attn = "sdpa"
-    assert seen and all(b == "xformers" and dt in (None, torch.bool) and S in (1, 3, 2 * bs) for b, dt, S in seen)
-    for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_resolve_attn_names_what_cannot_run():
@@ -293,6 +301,6 @@ def test_gpu_attention_outputs_equal_sdpa(attn):
         for rows in (2 * L, L):
             q = torch.randn(2, 4, rows, 32, device="cuda", dtype=torch.bfloat16, generator=g)
             k, v = (torch.randn(2, 4, 2 * L, 32, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
-            out = backends.attend_with(attn, q, k, v, mask, False)
+            out = backends.attend_with(attn, q, k, v, Mask.block_diff(L, bs), False)
             ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask[:rows])
             torch.testing.assert_close(out.float(), ref, atol=2e-2, rtol=2e-2)

@@ -48,7 +48,7 @@ def brute_force_nelbo(model, x0, block_size, mask_id, t_min=0.0, scored=None):
                 block = x0[:, s:e].clone()
                 block[:, [i - s for i in subset]] = mask_id
                 seq = torch.cat([x0[:, :s], block], dim=1)
-                logits = model(seq, attn_mask=block_causal_mask(e, block_size), last=block_size)
+                logits = model(seq, attn_mask=block_causal_mask(e, block_size))[:, -block_size:]
                 targets = x0[:, s:e, None].clamp(max=mask_id - 1)  # a mask token in x0 is never a target
                 logp = subs_log_probs(logits, block, mask_id).gather(-1, targets)[..., 0].double()
                 out -= weight * logp[:, [i - s for i in subset]].sum(1)
@@ -89,7 +89,7 @@ def test_exact_at_block_size_one_is_the_causal_nll(tiny_model, rows):
         causal = torch.zeros(3, dtype=torch.float64)
         for i in range(1, 16):
             seq = torch.cat([rows[:, :i], torch.full((3, 1), MASK)], dim=1)
-            logits = tiny_model(seq, attn_mask=block_causal_mask(i + 1, 1), last=1)[:, 0]
+            logits = tiny_model(seq, attn_mask=block_causal_mask(i + 1, 1))[:, -1]
             logits[:, MASK] = -torch.inf
             causal += torch.nn.functional.cross_entropy(logits, rows[:, i], reduction="none").double()
     torch.testing.assert_close(exact / 15, causal / 15, atol=1e-5, rtol=0)

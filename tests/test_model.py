@@ -1,10 +1,10 @@
-"""The backbone's KV cache and the sampler primitives over it (the samplers: test_sampling.py)."""
+"""The backbone's KV cache through its forward (the samplers: test_sampling.py)."""
 
 import torch
 
 from bd3.config import ModelConfig
 from bd3.model import DiT
-from bd3.sampling.block import commit_block, denoise_block
+from bd3.diffusion.masks import block_causal_mask
 from tests.conftest import randomize
 
 MASK = 39
@@ -20,10 +20,12 @@ def test_cached_logits_equal_uncached_for_every_block(tiny_model):
             s = b * bs
             noisy = x[:, s : s + bs].clone()
             noisy[:, ::2] = MASK
-            h1, c = denoise_block(tiny_model, noisy, s, cache=cache)
-            h2, _ = denoise_block(tiny_model, noisy, s, context=x[:, :s])
-            torch.testing.assert_close(tiny_model.logits(h1, c), tiny_model.logits(h2, c), atol=1e-5, rtol=0)
-            commit_block(tiny_model, cache, x[:, s : s + bs], s)
+            cached = tiny_model(noisy, positions=s, kv_cache=cache)
+            seq = torch.cat([x[:, :s], noisy], dim=1)
+            recomputed = tiny_model(seq, attn_mask=block_causal_mask(s + bs, bs))[:, s:]
+            torch.testing.assert_close(cached, recomputed, atol=1e-5, rtol=0)
+            tiny_model(x[:, s : s + bs], positions=s, kv_cache=cache)  # the clean block's K/V over the noisy one's
+            cache.commit(bs)
     assert cache.length == L
 
 

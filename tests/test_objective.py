@@ -19,7 +19,7 @@ def per_block_loop(model, x0, xt, t_tok, block_size, mask_id):
     for b in range(L // block_size):
         s, e = b * block_size, (b + 1) * block_size
         seq = torch.cat([x0[:, :s], xt[:, s:e]], dim=1)
-        logits = model(seq, attn_mask=block_causal_mask(e, block_size), last=block_size)
+        logits = model(seq, attn_mask=block_causal_mask(e, block_size))[:, -block_size:]
         logp = subs_log_probs(logits, xt[:, s:e], mask_id).gather(-1, x0[:, s:e, None])[..., 0]
         out[:, s:e] = -logp / t_tok[:, s:e]
     out[xt == x0] = 0.0  # carry-over positions contribute nothing (log p = 0)
@@ -51,7 +51,7 @@ def test_block_size_one_fully_masked_is_the_ar_nll(tiny_model):
         ar = 0.0
         for i in range(1, 16):  # token i from its clean prefix and a mask in its own place
             seq = torch.cat([x0[:, :i], torch.full((2, 1), MASK)], dim=1)
-            logits = tiny_model(seq, attn_mask=block_causal_mask(i + 1, 1), last=1)[:, 0]
+            logits = tiny_model(seq, attn_mask=block_causal_mask(i + 1, 1))[:, -1]
             logits[:, MASK] = -torch.inf
             ar += torch.nn.functional.cross_entropy(logits, x0[:, i], reduction="sum")
     torch.testing.assert_close(losses.mean, ar / (2 * 15), atol=1e-5, rtol=0)

@@ -15,12 +15,12 @@ from tokenizers.models import WordLevel
 
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig
+from bd3.diffusion.masks import block_causal_mask
 from bd3.diffusion.objective import Noise, denoiser_hidden, nelbo
 from bd3.diffusion.schedules import get_schedule
 from bd3.errors import Bd3Error
 from bd3.runs.hf import import_checkpoint
 from bd3.runs.load import load_model
-from bd3.sampling.block import commit_block, denoise_block
 from tests.subs import subs_log_probs
 
 ATOL = 1e-4
@@ -68,13 +68,15 @@ def test_reference_parity(reference_fixture, imported):
 
         prefix, block = inputs["sample_prefix"], inputs["sample_block"]
         start = prefix.shape[1]
-        h, c = denoise_block(model, block, start, context=prefix)
-        torch.testing.assert_close(model.logits(h, c), expected["sample_logits_nocache"], atol=ATOL, rtol=0)
+        seq = torch.cat([prefix, block], dim=1)  # recomputed: the clean prefix and the block, block-causally
+        nocache = model(seq, attn_mask=block_causal_mask(seq.shape[1], bs))[:, start:]
+        torch.testing.assert_close(nocache, expected["sample_logits_nocache"], atol=ATOL, rtol=0)
         cache = model.new_kv_cache(B, L)
-        for s in range(0, start, bs):
-            commit_block(model, cache, prefix[:, s : s + bs], s)
-        h, c = denoise_block(model, block, start, cache=cache)
-        torch.testing.assert_close(model.logits(h, c), expected["sample_logits_cache"], atol=ATOL, rtol=0)
+        for s in range(0, start, bs):  # one pass per clean block writes its K/V
+            model(prefix[:, s : s + bs], positions=s, kv_cache=cache)
+            cache.commit(bs)
+        cached = model(block, positions=start, kv_cache=cache)
+        torch.testing.assert_close(cached, expected["sample_logits_cache"], atol=ATOL, rtol=0)
 
         h, c = denoiser_hidden(model, xt, x0, DiffusionConfig(algo="mdlm", block_size=L))
         torch.testing.assert_close(model.logits(h, c), expected["mdlm_logits"], atol=ATOL, rtol=0)

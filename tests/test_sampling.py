@@ -19,20 +19,14 @@ from bd3.data.tokenizer import load_tokenizer
 from bd3.diffusion.masks import block_causal_mask
 from bd3.model import DiT, KVCache
 from bd3.runs import Run
-from bd3.sampling.ar import sample_ar
-from bd3.sampling.block import (
-    Decoding,
-    expected_calls,
-    low_entropy,
-    sample_blocks,
-    unigram_entropy,
-)
+from bd3.sampling.block import sample_blocks
 from bd3.sampling.denoiser import ModelDenoiser
-from bd3.sampling.engine import Engine
+from bd3.sampling.engine import Engine, inference_forward
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.rules import draw, kept, nucleus, subs_weights
 from bd3.sampling.text import SampleWriter, TextStream, render
-from tests.conftest import randomize
+from bd3.sampling.types import Decoding, low_entropy, unigram_entropy
+from tests.conftest import ar_samples, block_samples, randomize
 
 V, MASK, BOS, EOS = 40, 39, 0, 38
 KW = dict(length=16, mask_id=MASK, bos_id=BOS)
@@ -48,8 +42,9 @@ def test_cached_denoiser_equals_recomputation_for_every_block(tiny_model, engine
     g = torch.Generator().manual_seed(0)
     B, L, bs = 3, 16, 4
     x = torch.randint(0, MASK, (B, L), generator=g)
-    cached = ModelDenoiser(tiny_model, B, block_size=bs, context=L - bs, kv_cache=True, engine=engine)
-    uncached = ModelDenoiser(tiny_model, B, block_size=bs, context=L - bs, kv_cache=False, engine=engine)
+    net = inference_forward(tiny_model, engine)
+    cached = ModelDenoiser(net, block_size=bs, context=L - bs, kv_cache=True)
+    uncached = ModelDenoiser(net, block_size=bs, context=L - bs, kv_cache=False)
     rows = torch.arange(B).repeat_interleave(bs)
     pos = torch.arange(bs).repeat(B)
     for b in range(L // bs):
@@ -58,8 +53,7 @@ def test_cached_denoiser_equals_recomputation_for_every_block(tiny_model, engine
         noisy[:, ::2] = MASK
         seq = torch.cat([x[:, :s], noisy], 1)
         with torch.no_grad():
-            h, c = tiny_model.hidden_states(seq, attn_mask=block_causal_mask(s + bs, bs))
-            want = tiny_model.logits(h[:, s:], c).reshape(B * bs, -1)
+            want = tiny_model(seq, attn_mask=block_causal_mask(s + bs, bs))[:, s:].reshape(B * bs, -1)
         torch.testing.assert_close(cached(noisy, s, rows, pos), want, atol=1e-5, rtol=0)
         torch.testing.assert_close(uncached(noisy, s, rows, pos), want, atol=1e-5, rtol=0)
         cached.commit(x[:, s : s + bs], s)
@@ -71,12 +65,27 @@ def test_engine_equals_the_model(tiny_model):
     engine = Engine(tiny_model)
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        h, c = tiny_model.hidden_states(x)
-        want = tiny_model.logits(h, c)
-    torch.testing.assert_close(engine.logits(engine.hidden(x)), want, atol=1e-5, rtol=0)
-    query = torch.tensor([[3, 0, 9], [15, 15, 2]])
-    got = engine.logits(engine.hidden(x, query=query))  # the last layer only at these positions
-    torch.testing.assert_close(got, want.gather(1, query[:, :, None].expand(-1, -1, V)), atol=1e-5, rtol=0)
+        want = tiny_model(x)
+    torch.testing.assert_close(engine(x), want, atol=1e-5, rtol=0)
+    select = torch.zeros(2, 16, dtype=torch.bool)
+    select[0, [0, 3, 9]] = select[1, [2, 15]] = True
+    got = engine(x, select=select)  # the last layer only at these positions
+    torch.testing.assert_close(got, want[select], atol=1e-5, rtol=0)
+    torch.testing.assert_close(got, tiny_model(x, select=select), atol=1e-5, rtol=0)
+
+
+def test_engine_only_where_it_is_tested(tiny_model):
+    """auto: the engine on a CPU, the DiT itself elsewhere and for a time-conditioned
+    (SEDD) model; asking for the engine off a CPU, or for fp16 without it, is an error."""
+    assert isinstance(inference_forward(tiny_model), Engine)
+    assert inference_forward(tiny_model, time_conditioned=True) is tiny_model
+    assert inference_forward(tiny_model, False, "bf16") is tiny_model
+    with pytest.raises(ValueError, match="needs the CPU engine"):
+        inference_forward(tiny_model, False, "fp16")
+    elsewhere = DiT(tiny_model.cfg, V).to("meta")  # any device but a CPU
+    assert inference_forward(elsewhere) is elsewhere
+    with pytest.raises(ValueError, match="CPUs only"):
+        inference_forward(elsewhere, True)
 
 
 def test_engine_single_row_output_layer(tiny_model):
@@ -86,9 +95,10 @@ def test_engine_single_row_output_layer(tiny_model):
         engine = Engine(model)
         x = torch.randint(0, vocab - 1, (1, 16), generator=torch.Generator().manual_seed(3))
         with torch.no_grad():
-            h, c = model.hidden_states(x)
-            want = model.logits(h[:, 5], c)
-        got = engine.logits(engine.hidden(x, query=torch.tensor([[5]]))[:, 0])
+            want = model(x)[:, 5]
+        select = torch.zeros(1, 16, dtype=torch.bool)
+        select[0, 5] = True
+        got = engine(x, select=select)
         assert got.shape == (1, vocab)
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 
@@ -118,7 +128,7 @@ def test_scripted_backbone_is_the_python_one_bit_for_bit(tiny_model, monkeypatch
             assert engine.kind == kind and engine._layers is backbone.scripted()
             if run == "python":
                 engine._layers = backbone.layers
-            cache = engine.new_cache(2)
+            cache = engine.new_kv_cache(2)
             h0 = engine.hidden(x[:, :8], 0, cache=cache)
             cache.commit(8)
             h1 = engine.hidden(x[:, 8:], 8, cache=cache, mask=fold, query=torch.tensor([[5], [2]]))
@@ -162,15 +172,13 @@ def test_reduced_precision_engine(tiny_model, precision, tol):
     if precision == "fp16" and not fp16_weights_supported("cpu"):
         pytest.skip("this torch has no FBGEMM (precision fp16 is x86 only)")
     engine = Engine(tiny_model, precision)
-    assert engine.new_cache(1).k.dtype == torch.float32  # attention in float32
+    assert engine.new_kv_cache(1).k.dtype == torch.float32  # attention in float32
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
-        h, c = tiny_model.hidden_states(x)
-        exact = tiny_model.logits(h, c)
+        exact = tiny_model(x)
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h, c = tiny_model.hidden_states(x)
-            auto = tiny_model.logits(h, c).float()
-    got = engine.logits(engine.hidden(x))
+            auto = tiny_model(x).float()
+    got = engine(x)
     assert got.dtype == torch.float32
     scale = exact.abs().max()
     assert (got - exact).abs().max() > 1e-6 * scale  # the reduced precision is really used
@@ -181,8 +189,8 @@ def test_reduced_precision_engine(tiny_model, precision, tol):
     one = engine.logits(engine.hidden(x[:1], query=torch.tensor([[5]]))[:, 0])  # the single-row output layer
     torch.testing.assert_close(one, exact[:1, 5], atol=tol * scale, rtol=0)
     B, L, bs = 2, 16, 4
-    cached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=True)
-    uncached = ModelDenoiser(engine, B, block_size=bs, context=L - bs, kv_cache=False)
+    cached = ModelDenoiser(engine, block_size=bs, context=L - bs, kv_cache=True)
+    uncached = ModelDenoiser(engine, block_size=bs, context=L - bs, kv_cache=False)
     rows, pos = torch.arange(B).repeat_interleave(bs), torch.arange(bs).repeat(B)
     for s in range(0, L, bs):
         noisy = x[:, s : s + bs].clone()
@@ -198,7 +206,7 @@ def test_engine_ar_cache_equals_causal_pass():
     model = randomize(DiT(ModelConfig(hidden_dim=32, n_heads=2, n_layers=2, cond_dim=16, length=16, causal=True), V))
     engine = Engine(model)
     x = torch.randint(0, MASK, (2, 12))
-    cache = engine.new_cache(2)
+    cache = engine.new_kv_cache(2)
     prompt = engine.hidden(x[:, :5], 0, cache=cache, mask=torch.ones(5, 5, dtype=torch.bool).tril())
     cache.commit(5)
     steps = [prompt]
@@ -343,6 +351,15 @@ def test_ddpm_unmasks_on_the_grid_and_wastes_no_call(steps):
         assert len(mock.calls) == 2  # one call per block unmasks everything
 
 
+def expected_calls(rule: str, block: int, steps: int | None = None) -> float:
+    """Expected model calls to denoise one block of ``block`` masked positions at batch 1:
+    ``block`` for first-hitting, the expected number of distinct steps for ddpm."""
+    if rule == "ddpm":
+        T = steps or block
+        return T * (1 - (1 - 1 / T) ** block)
+    return float(block)
+
+
 def test_ddpm_expected_calls():
     counts = []
     for seed in range(200):
@@ -402,36 +419,36 @@ def test_entropy_stop():
 @pytest.mark.parametrize("rule", ["first-hitting", "ddpm", "threshold"])
 def test_same_seed_same_text_and_rows_independent_of_their_batch(tiny_model, rule):
     kw = dict(max_tokens=24, block_size=4, rule=rule, eos_id=7, stop="eos", threshold=0.3, **KW)
-    together = sample_blocks(tiny_model, samples=[0, 1, 2, 3], seed=9, **kw)
-    assert [s.tokens for s in together] == [s.tokens for s in sample_blocks(tiny_model, samples=[0, 1, 2, 3], seed=9, **kw)]
+    together = block_samples(tiny_model, samples=[0, 1, 2, 3], seed=9, **kw)
+    assert [s.tokens for s in together] == [s.tokens for s in block_samples(tiny_model, samples=[0, 1, 2, 3], seed=9, **kw)]
     for s in together:
-        alone = sample_blocks(tiny_model, samples=[s.index], seed=9, **kw)[0]
+        alone = block_samples(tiny_model, samples=[s.index], seed=9, **kw)[0]
         assert (alone.tokens, alone.stop, alone.nfe) == (s.tokens, s.stop, s.nfe)
     assert len({tuple(s.tokens) for s in together}) == 4
-    assert [s.tokens for s in sample_blocks(tiny_model, samples=[0, 1, 2, 3], seed=10, **kw)] != [s.tokens for s in together]
+    assert [s.tokens for s in block_samples(tiny_model, samples=[0, 1, 2, 3], seed=10, **kw)] != [s.tokens for s in together]
 
 
 def test_cache_and_recompute_give_the_same_text(tiny_model):
     kw = dict(batch=2, max_tokens=16, block_size=4, seed=5, prompt=[BOS, 3, 4, 5, 6, 7], **KW)
-    a = sample_blocks(tiny_model, kv_cache=True, **kw)
-    b = sample_blocks(tiny_model, kv_cache=False, **kw)
-    c = sample_blocks(tiny_model, kv_cache=True, engine=False, **kw)
+    a = block_samples(tiny_model, kv_cache=True, **kw)
+    b = block_samples(tiny_model, kv_cache=False, **kw)
+    c = block_samples(tiny_model, kv_cache=True, engine=False, **kw)
     assert [s.tokens for s in a] == [s.tokens for s in b] == [s.tokens for s in c]
 
 
 def test_prompt_is_continued(tiny_model):
     prompt = [BOS, 3, 4, 5, 6, 7, 8, 9, 10, 11]  # two whole blocks of 4, then 2 tokens into the third
-    out = sample_blocks(tiny_model, batch=2, max_tokens=16, block_size=4, seed=0, prompt=prompt, **KW)
+    out = block_samples(tiny_model, batch=2, max_tokens=16, block_size=4, seed=0, prompt=prompt, **KW)
     for s in out:
         assert s.tokens[:10] == prompt and len(s.tokens) == 16 and MASK not in s.tokens
         assert s.prompt_tokens == 10 and s.new_tokens == 6 and s.nfe == 6
     with pytest.raises(ValueError, match="shorter than the model's context"):
-        sample_blocks(tiny_model, batch=1, max_tokens=40, block_size=4, prompt=list(range(16)), **KW)
+        block_samples(tiny_model, batch=1, max_tokens=40, block_size=4, prompt=list(range(16)), **KW)
 
 
 def test_slides_past_the_model_length_and_streams(tiny_model):
     events = []
-    out = sample_blocks(tiny_model, batch=2, max_tokens=42, block_size=4, seed=0, on_block=events.append, **KW)
+    out = block_samples(tiny_model, batch=2, max_tokens=42, block_size=4, seed=0, on_block=events.append, **KW)
     assert all(len(s.tokens) == 42 and MASK not in s.tokens for s in out)
     assert [len(e.new_tokens[0]) for e in events] == [3] + [4] * 9 + [2]
     assert [BOS] + [t for e in events for t in e.new_tokens[1]] == out[1].tokens
@@ -439,26 +456,26 @@ def test_slides_past_the_model_length_and_streams(tiny_model):
 
 
 def test_mdlm_whole_context_then_stride(tiny_model):
-    den = ModelDenoiser(tiny_model, 2, block_size=8, context=8, kv_cache=False, attention="full")
+    den = ModelDenoiser(tiny_model, block_size=8, context=8, kv_cache=False, attention="full")
     x = torch.randint(0, MASK, (2, 16))
     rows, pos = torch.tensor([0, 1]), torch.tensor([3, 12])
     with torch.no_grad():
         want = tiny_model(x)[rows, pos]
     torch.testing.assert_close(den(x, 0, rows, pos), want, atol=1e-5, rtol=0)  # full attention, no mask
-    out = sample_blocks(tiny_model, batch=2, max_tokens=30, block_size=8, mdlm=True, seed=0, **KW)
+    out = block_samples(tiny_model, batch=2, max_tokens=30, block_size=8, mdlm=True, seed=0, **KW)
     assert all(len(s.tokens) == 30 and MASK not in s.tokens and s.nfe == 29 for s in out)
 
 
 def test_ar_sampler(tiny_cfg):
     model = randomize(DiT(ModelConfig(**{**tiny_cfg.__dict__, "causal": True}), V))
     kw = dict(max_tokens=40, prompt=[BOS, 3, 4], eos_id=7, stop="eos", seed=2, **KW)
-    fast = sample_ar(model, samples=[0, 1, 2], **kw)
-    slow = sample_ar(model, samples=[0, 1, 2], engine=False, **kw)
+    fast = ar_samples(model, samples=[0, 1, 2], **kw)
+    slow = ar_samples(model, samples=[0, 1, 2], engine=False, **kw)
     assert [s.tokens for s in fast] == [s.tokens for s in slow]
     for s in fast:
         assert s.tokens[:3] == [BOS, 3, 4] and s.nfe == len(s.tokens) - 3
         assert (s.stop == "eos" and s.tokens[-1] == 7 and 7 not in s.tokens[3:-1]) or (s.stop == "length" and len(s.tokens) == 40)
-    assert [s.tokens for s in sample_ar(model, samples=[1], **kw)] == [fast[1].tokens]
+    assert [s.tokens for s in ar_samples(model, samples=[1], **kw)] == [fast[1].tokens]
 
 
 def test_decoding_validates():
@@ -530,7 +547,7 @@ def test_text_stream_of_a_long_sample_decodes_a_bounded_tail(monkeypatch):
 
 
 def test_writer_streams_samples_in_order():
-    from bd3.sampling.block import BlockEvent, Sample
+    from bd3.sampling.types import BlockEvent, Sample
 
     out = io.StringIO()
     w = SampleWriter(Tok(), out, "text", 2, [0])
@@ -616,13 +633,13 @@ def test_cli_ar_and_mdlm_runs(runs, capsys, algo):
 def test_cli_reduced_precision_sampling(runs, capsys, monkeypatch, algo, precision):
     """--precision bf16 / fp16 reach the engine for every kind of run and sample whole
     outputs (their numerics: test_reduced_precision_engine)."""
-    import bd3.sampling.denoiser as denoiser
+    import bd3.sampling.engine as engine
     from bd3.sampling.engine import fp16_weights_supported
 
     if precision == "fp16" and not fp16_weights_supported("cpu"):
         pytest.skip("this torch has no FBGEMM (precision fp16 is x86 only)")
     built = []
-    monkeypatch.setattr(denoiser, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    monkeypatch.setattr(engine, "Engine", lambda model, precision, **kw: built.append(precision) or Engine(model, precision, **kw))
     code, out, err = bd3(capsys, "sample", runs[algo], "--max-tokens", 40, "--num-samples", 2, "--format", "jsonl",
                          "--device", "cpu", "--precision", precision)
     assert code == 0, err
@@ -647,11 +664,11 @@ def test_sampling_precision_auto(monkeypatch):
 
 
 def test_cli_default_precision_is_auto(runs, capsys, monkeypatch):
-    import bd3.sampling.denoiser as denoiser
+    import bd3.sampling.engine as engine
     from bd3.sampling.engine import sampling_precision
 
     built = []
-    monkeypatch.setattr(denoiser, "Engine", lambda model, precision: built.append(precision) or Engine(model, precision))
+    monkeypatch.setattr(engine, "Engine", lambda model, precision, **kw: built.append(precision) or Engine(model, precision, **kw))
     code, _, err = bd3(capsys, "sample", runs["bd3lm"], "--max-tokens", 20, "--device", "cpu")
     assert code == 0 and built == [sampling_precision("auto", torch.device("cpu"))], err
 

@@ -8,11 +8,11 @@ import pytest
 
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig
 from bd3.model import DiT
-from bd3.sampling.ar import sample_ar
-from bd3.sampling.block import sample_blocks
 from bd3.sampling.generate import generate
-from bd3.sampling.sedd import sample_sedd
+from tests.conftest import ar_samples as sample_ar
+from tests.conftest import block_samples as sample_blocks
 from tests.conftest import randomize
+from tests.conftest import sedd_samples as sample_sedd
 
 V, MASK, BOS, EOS = 40, 39, 0, 7
 KW = dict(length=16, mask_id=MASK, bos_id=BOS, eos_id=EOS, stop="eos")

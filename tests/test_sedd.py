@@ -125,9 +125,15 @@ class Mock:
         self.logits = torch.full((5,), -torch.inf)
         self.logits[1:4] = torch.log(4 * total * torch.tensor(q))
 
-    def __call__(self, x, sigma, rows, pos):
+    def __call__(self, x, start, rows, pos, sigma=None):
         self.calls.append((x.clone(), sigma.clone()))
         return self.logits.expand(rows.numel(), -1).clone()
+
+    def commit(self, tokens, start):
+        pass
+
+    def select(self, rows):
+        pass
 
 
 KW = {"length": 33, "mask_id": 4, "bos_id": 0}

@@ -10,8 +10,9 @@ from bd3.diffusion.masks import block_causal_mask, block_diff_mask
 from bd3.diffusion.objective import diffusion_loss
 from bd3.model import DiT
 from bd3.model.attention import _plan, attend
-from bd3.model.dit import _modulate, apply_rotary, dropout, rotate, signed_sin
+from bd3.model.dit import _modulate, dropout, rotate, signed_sin
 from bd3.model.fused_nll import linear_masked_nll
+from bd3.model.mask import Mask
 from tests.conftest import randomize
 
 
@@ -71,6 +72,13 @@ def test_fused_output_layer_and_nll_equal_linear_then_masked_nll():
         torch.testing.assert_close(linear_masked_nll(x, w, b, targets, mask_id), out.detach())
 
 
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """The reference's rotary embedding, ``x * cos + rotate_half(x) * sin``."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
+
+
 def test_model_nll_first_and_fused_layernorm_equal_the_plain_model(tiny_model):
     g = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, 39, (3, 16), generator=g)
@@ -82,6 +90,12 @@ def test_model_nll_first_and_fused_layernorm_equal_the_plain_model(tiny_model):
     rows = h8.reshape(-1, h8.shape[-1])
     targets = tokens[:, :8].reshape(-1)
     torch.testing.assert_close(tiny_model.nll(rows, c, targets, 39), masked_nll(tiny_model.logits(rows, c), targets, 39), atol=1e-5, rtol=0)
+    # the one forward: the same selection (the first 8 positions' queries only) and fused NLL
+    select = torch.rand(3, 8, generator=g) < 0.5
+    kw = dict(positions=positions, attn_mask=Mask.block_diff(8, 4), select=select)
+    torch.testing.assert_close(tiny_model(tokens, **kw), tiny_model.logits(h8[select], c), atol=1e-5, rtol=0)
+    nll = tiny_model(tokens, targets=tokens[:, :8][select], mask_id=39, **kw)
+    torch.testing.assert_close(nll, masked_nll(tiny_model.logits(h8[select], c), tokens[:, :8][select], 39), atol=1e-5, rtol=0)
     norm = tiny_model.blocks[0].norm1
     x = torch.randn(2, 5, norm.dim)
     shift, scale = torch.randn(2, 1, 1, norm.dim)

@@ -1,8 +1,8 @@
 """The training and evaluation objectives, composed from the pure pieces.
 
-``model`` is any backbone with ``hidden_states(tokens, positions=, attn_mask=, first=)`` and
-``nll(h, c, targets, mask_id)`` (the DiT: the output layer and ``masked_nll`` fused); nothing
-here imports it.
+``model`` is the DiT's forward: ``model(tokens, positions=, attn_mask=, select=, sigma=,
+targets=, mask_id=)`` (logits or fused NLLs at the selected positions); nothing here
+imports it.
 
 - ``bd3lm``: t per (sequence, block); one pass over the 2L input ``[x_t ; x_0]`` under the
   block-diffusion mask; the output layer runs only on the masked x_t positions.
@@ -12,7 +12,7 @@ here imports it.
   one of the estimators of :mod:`bd3.diffusion.estimators`: ``t`` (t per block), ``k`` (a
   masked count per block) or ``exact`` (every mask pattern, :func:`exact_nelbo`).
 - ``sedd``: MDLM's noise and one stream, the model time-conditioned on sigma
-  (``hidden_states(x_t, sigma=)`` and ``logits(h, c)``), the score-entropy loss
+  (``model(x_t, sigma=, select=)``), the score-entropy loss
   (:mod:`bd3.diffusion.sedd`).
 """
 
@@ -24,7 +24,7 @@ import torch
 
 from bd3.config import FULL_CLIP, DiffusionConfig
 from bd3.diffusion.estimators import draw_counts, exact_patterns, maskable_positions
-from bd3.diffusion.masks import block_diff_mask
+from bd3.model.mask import Mask
 from bd3.diffusion.noise import T_MIN, corrupt, resample_corrupt, sample_t
 from bd3.diffusion.schedules import get_schedule
 from bd3.diffusion.sedd import sedd_token_loss, total_noise
@@ -149,15 +149,22 @@ def draw_noise(
     return Noise(xt, schedule.weight(t_tok), rate)
 
 
-def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig):
-    """Hidden states of the x_t positions: one pass over ``[x_t ; x_0]`` under the block
-    diffusion mask (rotary positions 0..L-1 for both halves), or x_t alone for MDLM."""
+def denoiser_input(xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig) -> tuple[torch.Tensor, dict]:
+    """The denoiser's input and the forward's keywords: ``[x_t ; x_0]`` under the block
+    diffusion mask (rotary positions 0..L-1 for both halves), or x_t alone for MDLM; the
+    x_t positions are the first L."""
     if cfg.algo == "mdlm":
-        return model.hidden_states(xt)
+        return xt, {}
     L = x0.shape[1]
     positions = torch.arange(L, device=x0.device).repeat(2)
-    mask = block_diff_mask(L, cfg.block_size, str(x0.device))
-    return model.hidden_states(torch.cat([xt, x0], dim=1), positions=positions, attn_mask=mask, first=L)
+    return torch.cat([xt, x0], dim=1), dict(positions=positions, attn_mask=Mask.block_diff(L, cfg.block_size))
+
+
+def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig):
+    """Hidden states of the x_t positions and the conditioning (the exported modeling
+    file's layout, bd3.runs.hf)."""
+    tokens, kw = denoiser_input(xt, x0, cfg)
+    return model.hidden_states(tokens, first=x0.shape[1], **kw)
 
 
 def noised_positions(x0: torch.Tensor, noise: Noise, mask_id: int) -> torch.Tensor:
@@ -171,9 +178,9 @@ def nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask_id: 
     """Weighted NLL of the masked tokens given the noise: the NELBO with
     ``weighting="elbo"``, a reweighted objective otherwise."""
     B, L = x0.shape
-    h, c = denoiser_hidden(model, noise.xt, x0, cfg)
+    tokens, kw = denoiser_input(noise.xt, x0, cfg)
     masked = noised_positions(x0, noise, mask_id)
-    nll = model.nll(h[masked], c, x0[masked], mask_id)
+    nll = model(tokens, select=masked, targets=x0[masked], mask_id=mask_id, **kw)
     token_loss = torch.zeros(B, L, device=x0.device, dtype=nll.dtype)
     token_loss[masked] = token_weight(weighting, noise.weight[masked].float(), noise.rate[masked]) * nll
     return Losses(token_loss, B * (L - 1) if cfg.ignore_bos else B * L)
@@ -184,10 +191,8 @@ def sedd_nelbo(model, x0: torch.Tensor, noise: Noise, cfg: DiffusionConfig, mask
     with ``weighting="elbo"``): one stream, the model conditioned on each sequence's total
     noise sigma = -log(1 - p) (t is one per sequence: block size = length)."""
     B, L = x0.shape
-    h, c = model.hidden_states(noise.xt, sigma=total_noise(noise.rate[:, 0]).float())
     masked = noised_positions(x0, noise, mask_id)
-    rows = masked.nonzero()[:, 0]
-    logits = model.logits(h[masked], c[rows])
+    logits = model(noise.xt, sigma=total_noise(noise.rate[:, 0]).float(), select=masked)
     w = token_weight(weighting, noise.weight[masked], noise.rate[masked])
     token_loss = torch.zeros(B, L, device=x0.device, dtype=torch.float32)
     token_loss[masked] = sedd_token_loss(logits, x0[masked], w, mask_id)
@@ -242,7 +247,6 @@ def exact_nelbo(
 def ar_loss(model, x0: torch.Tensor, mask_id: int) -> Losses:
     """Exact next-token NLL of positions 1..L-1 given their prefix (causal model)."""
     B, L = x0.shape
-    h, c = model.hidden_states(x0[:, :-1])
-    nll = model.nll(h.reshape(-1, h.shape[-1]), c, x0[:, 1:].reshape(-1), mask_id)
-    token_loss = torch.cat([torch.zeros(B, 1, device=x0.device, dtype=nll.dtype), nll.view(B, L - 1)], dim=1)
+    nll = model(x0[:, :-1], targets=x0[:, 1:], mask_id=mask_id)
+    token_loss = torch.cat([torch.zeros(B, 1, device=x0.device, dtype=nll.dtype), nll], dim=1)
     return Losses(token_loss, B * (L - 1))

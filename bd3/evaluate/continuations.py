@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 
 from bd3.config import RunConfig
-from bd3.diffusion.objective import denoiser_hidden, row_nelbo
+from bd3.diffusion.objective import denoiser_input, row_nelbo
 from bd3.errors import Bd3Error
 from bd3.runtime import autocast
 
@@ -124,13 +124,13 @@ class Scorer:
         """(B,) bool: whether the argmax gives every scored token (see the module's docstring)."""
         model, d = self.model, self.config.diffusion
         with autocast(self.device, self.precision):
-            if d.algo == "ar":
-                h, c = model.hidden_states(x0[:, :-1])
-                h = torch.cat([h[:, :1], h], dim=1)  # position p is predicted from p - 1 (position 0 is never scored)
+            if d.algo == "ar":  # position p is predicted from p - 1 (position 0 is never scored)
+                logits = model(x0[:, :-1], select=maskable[:, 1:])
             else:
                 xt = torch.where(maskable, torch.full_like(x0, self.mask_id), x0)
-                h, c = denoiser_hidden(model, xt, x0, d)
-            logits = model.logits(h[maskable], c).float()  # only the scored positions: (N, V)
+                tokens, kw = denoiser_input(xt, x0, d)
+                logits = model(tokens, select=maskable, **kw)
+            logits = logits.float()  # only the scored positions: (N, V)
         logits[:, self.mask_id] = -torch.inf
         hits = torch.ones_like(maskable)
         hits[maskable] = logits.argmax(-1) == x0[maskable]

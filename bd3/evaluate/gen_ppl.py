@@ -36,7 +36,7 @@ import torch
 from bd3.data.sources import HUB_HOST, hub_reachable
 from bd3.errors import Bd3Error
 from bd3.runtime import autocast
-from bd3.sampling.block import unigram_entropy
+from bd3.sampling.types import unigram_entropy
 from bd3.sampling.text import render, sample_documents
 
 MAX_WINDOW = 1024  # the reference's eval_context_size for a HuggingFace judge
@@ -232,8 +232,7 @@ class RunJudge:
         device = self.model.vocab_embed.embedding.device
         x = window.to(device)
         with autocast(device, self.precision):
-            h, c = self.model.hidden_states(x[None, :-1])
-            return self.model.nll(h[0], c, x[1:], self.tokenizer.mask_id).double()
+            return self.model(x[None, :-1], targets=x[None, 1:], mask_id=self.tokenizer.mask_id)[0].double()
 
 
 class HFJudge:

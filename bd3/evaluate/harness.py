@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from bd3.diffusion.estimators import EXACT_MAX_BLOCK, resolve_estimator
 from bd3.evaluate.continuations import Scorer
-from bd3.sampling.block import Decoding
+from bd3.sampling.types import Decoding
 from bd3.sampling.generate import generate
 
 DEFAULT_PASSES = 8  # passes of the k estimator per request (block sizes above EXACT_MAX_BLOCK)

@@ -11,9 +11,9 @@ batched matmuls in float32 (the CPU flash-attention kernel is slow at head dimen
 backward 5-7x its forward), and the backward recomputes each tile's probabilities instead of
 keeping them, so the memory stays linear in the length, as flash attention's.
 
-The mask stays the one definition: the tiling is derived from it, cached with it (masks are
-built once per shape and shared by every layer), with its restricted parts as additive
-masks made once per dtype. Elsewhere (inference, CUDA, float masks, a few queries, causal,
+The mask stays the one definition: a :class:`~bd3.model.mask.Mask` becomes its boolean
+table (made once per shape and shared by every layer), the tiling is derived from that and
+cached with it, with its restricted parts as additive masks made once per dtype. Elsewhere (inference, CUDA, float masks, a few queries, causal,
 inside torch.compile) this is plain SDPA; FlexAttention and xformers are in bd3.model.backends.
 """
 
@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from bd3.model.backends import attend_with
+from bd3.model.mask import Mask
 
 MIN_TILE = 32  # queries (and keys) per tile, at least
 MAX_TILES = 32  # longer sequences get larger tiles, so the number of kernel calls stays bounded
@@ -104,14 +105,18 @@ def _additive(plan: _Plan, dtype: torch.dtype) -> list[torch.Tensor | None]:
 
 
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *, is_causal: bool = False, backend: str = "sdpa"
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Mask | torch.Tensor | None, *, is_causal: bool = False,
+    backend: str = "sdpa",
 ) -> torch.Tensor:
-    """SDPA over (B, H, S, d) tensors; ``mask`` (S_q, S_kv) bool, float or None. Only the
-    first S_q rows of a longer mask are used (queries for a prefix of the positions).
-    ``backend`` flex or xformers: the same attention through bd3.model.backends (CUDA)."""
+    """SDPA over (B, H, S, d) tensors; ``mask`` a :class:`Mask`, a (S_q, S_kv) bool or float
+    table, or None. Only the first S_q rows of a longer table are used (queries for a prefix
+    of the positions). ``backend`` flex or xformers: the same attention through
+    bd3.model.backends (CUDA)."""
     if backend != "sdpa":
         return attend_with(backend, q, k, v, mask, is_causal)
     S_q = q.shape[2]
+    if isinstance(mask, Mask):
+        mask = mask.dense(S_q, k.shape[2], q.device)
     mask_q = mask if mask is None or mask.shape[-2] == S_q else mask[..., :S_q, :]
     tiled = (  # training on a CPU: inference keeps SDPA, whose forward alone is cheap enough
         mask is not None and not is_causal and mask.dtype == torch.bool and mask.dim() == 2 and S_q > MIN_TILE

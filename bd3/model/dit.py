@@ -19,6 +19,7 @@ from bd3.config import ModelConfig
 from bd3.model.attention import attend
 from bd3.model.fused_nll import linear_masked_nll
 from bd3.model.kv_cache import KVCache
+from bd3.model.mask import Mask
 
 
 class LayerNorm(nn.Module):
@@ -57,12 +58,6 @@ class Rotary(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat([-x2, x1], dim=-1) * sin
-
-
 def signed_sin(sin: torch.Tensor) -> torch.Tensor:
     """``sin`` with the first half of the head dimension negated, for :func:`rotate`."""
     half = sin.shape[-1] // 2
@@ -70,8 +65,9 @@ def signed_sin(sin: torch.Tensor) -> torch.Tensor:
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
-    """``apply_rotary(x, cos, sin)`` in three kernels: ``rotate_half(x) * sin`` is
-    ``swap_halves(x) * signed_sin(sin)``."""
+    """GPT-NeoX rotary embedding ``x * cos + rotate_half(x) * sin`` in three kernels:
+    ``rotate_half(x) * sin`` is ``swap_halves(x) * signed_sin(sin)``. The one formulation:
+    the model, the sampling engine and its scripted layer loop all call it."""
     swapped = x.unflatten(-1, (2, x.shape[-1] // 2)).flip(-2).flatten(-2)
     return torch.addcmul(x * cos, swapped, sin_signed)
 
@@ -129,7 +125,7 @@ class Block(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mod: torch.Tensor | None,
-        attn_mask: torch.Tensor | None,
+        attn_mask: Mask | torch.Tensor | None,
         causal: bool,
         kv_cache: KVCache | None,
         layer: int,
@@ -210,31 +206,37 @@ class DiT(nn.Module):
         nn.init.zeros_(self.output_layer.linear.weight)
         nn.init.zeros_(self.output_layer.linear.bias)
 
-    def _conditioning(self, device: torch.device, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
-        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim); with ``sigma``
-        (B,) (SEDD's time conditioning) silu(sigma_map(sigma)), one row per sample."""
+    @property
+    def device(self) -> torch.device:
+        return self.vocab_embed.embedding.device
+
+    def conditioning(self, sigma: torch.Tensor | None = None) -> torch.Tensor | None:
+        """silu(sigma_map(0)): the constant adaLN input, shape (1, cond_dim) (what the
+        sampling engine folds into its weights); with ``sigma`` (B,) (SEDD's time
+        conditioning) silu(sigma_map(sigma)), one row per sample. None for the AR model."""
         if self.cfg.causal:
             return None
         if sigma is not None:
             return F.silu(self.sigma_map(sigma))
-        return F.silu(self.sigma_map(torch.zeros(1, device=device)))
+        return F.silu(self.sigma_map(torch.zeros(1, device=self.device)))
 
     def hidden_states(
         self,
         tokens: torch.Tensor,
         *,
         positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        attn_mask: Mask | torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
         first: int | None = None,
         sigma: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the blocks. Returns the last residual stream (B, S, D) and the conditioning
-        vector that :meth:`logits` needs.
+        """Run the blocks (the first half of :meth:`forward`). Returns the last residual
+        stream (B, S, D) and the conditioning vector that :meth:`logits` needs.
 
         ``positions`` (S,) are the rotary positions (default 0..S-1; the 2L training input
-        repeats 0..L-1 for both halves). ``attn_mask`` (S, S_kv) is boolean, True = attend;
-        None means full attention, or causal attention for the AR model. ``first``: return
+        repeats 0..L-1 for both halves). ``attn_mask``: a :class:`~bd3.model.mask.Mask` (each
+        attention backend builds its own form of it), or an explicit (S, S_kv) boolean table,
+        True = attend; None means full attention, or causal attention for the AR model. ``first``: return
         only the first ``first`` positions (B, first, D); the last layer then computes only
         those (training needs the x_t half; the x_0 half matters only as keys and values).
         ``sigma`` (B,): time-conditioned (SEDD); the conditioning is then (B, cond_dim).
@@ -243,7 +245,7 @@ class DiT(nn.Module):
         if positions is None:
             positions = torch.arange(S, device=tokens.device)
         x = F.embedding(tokens, self.vocab_embed.embedding)
-        c = self._conditioning(tokens.device, sigma)
+        c = self.conditioning(sigma)
         cos, sin = self.rotary_emb.cos_sin(positions, self._compute_dtype(x))
         cos, sin = cos[:, None, None, :], signed_sin(sin)[:, None, None, :]
         last = len(self.blocks) - 1
@@ -281,17 +283,42 @@ class DiT(nn.Module):
         self,
         tokens: torch.Tensor,
         *,
-        positions: torch.Tensor | None = None,
-        attn_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | int | None = None,
+        attn_mask: Mask | torch.Tensor | None = None,
         kv_cache: KVCache | None = None,
-        last: int | None = None,
+        select: torch.Tensor | None = None,
         sigma: torch.Tensor | None = None,
+        targets: torch.Tensor | None = None,
+        mask_id: int | None = None,
     ) -> torch.Tensor:
-        """Logits (B, S, V), or for the last ``last`` positions only."""
-        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, sigma=sigma)
-        if last is not None:
-            h = h[:, -last:]
-        return self.logits(h, c)
+        """The one forward that training, evaluation and sampling call.
+
+        Logits (B, S, V) of ``tokens`` (B, S); with ``select`` (B, n) bool, n <= S, only at
+        its True entries: (N, V) in row-major order (for n < S the last layer computes the
+        first n positions' queries only). With ``targets`` (the token ids at those
+        positions: (N,), or (B, S) without ``select``) and ``mask_id``: -log p(targets),
+        float32, of the targets' shape, the mask token excluded, the output layer and the
+        cross-entropy fused (bd3.model.fused_nll: the logits are never materialised).
+
+        ``positions``: the rotary positions (S,), or an int, the first of S consecutive ones
+        (default 0; the 2L training input repeats 0..L-1). ``attn_mask``: a
+        :class:`~bd3.model.mask.Mask` or an explicit (S, S_kv) boolean table; None is full
+        attention (causal for the AR model). ``kv_cache``: the tokens also attend to the
+        cached ones, and their K/V are written after them (:class:`~bd3.model.kv_cache.KVCache`).
+        ``sigma`` (B,): SEDD's time conditioning; the adaLN conditioning stays inside."""
+        S = tokens.shape[1]
+        if isinstance(positions, int):
+            positions = torch.arange(positions, positions + S, device=tokens.device)
+        first = None if select is None or select.shape[1] == S else select.shape[1]
+        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, first=first, sigma=sigma)
+        per_row = c is not None and c.shape[0] > 1  # one conditioning vector per row (sigma)
+        if select is not None:
+            h, c = h[select], c[select.nonzero()[:, 0]] if per_row else c
+        if targets is None:
+            return self.logits(h, c)
+        if select is None:
+            h, c = h.reshape(-1, h.shape[-1]), c.repeat_interleave(S, 0) if per_row else c
+        return self.nll(h, c, targets.reshape(-1), mask_id).view(targets.shape)
 
     def new_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.vocab_embed.embedding

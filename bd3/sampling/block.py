@@ -21,6 +21,9 @@ it in the block are no longer denoised); ``entropy`` ends a row whose last 256 t
 unigram entropy below 4 nats (the paper's rule, checked after each block; as in the
 reference, those last 256 tokens are cut from the sample); ``both``; ``none``.
 
+The per-row loop (stops, finished rows leaving the batch and the cache) is
+:mod:`bd3.sampling.rows`; this module is the update rules.
+
 Prompts: the first tokens of a row (BOS included) are given, the same ``prompt`` for every
 row or one of ``prompts`` per row (rows may also end at different ``max_tokens``). The rows
 share positions (and the KV cache's slots): blocks that every row's prompt covers are
@@ -32,283 +35,43 @@ whole block. So a row's tokens are those it gets alone, whatever the other rows'
 
 from __future__ import annotations
 
-import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+import functools
 
 import torch
 
-from bd3.choices import RULES, STOPS
-from bd3.diffusion.masks import block_causal_mask
-from bd3.sampling.denoiser import FunctionDenoiser, ModelDenoiser
-from bd3.sampling.rng import RowRNG
+from bd3.sampling.denoiser import Denoiser
+from bd3.sampling.rows import Rows, run_rows
 from bd3.sampling.rules import confidence, draw, subs_weights
-from bd3.sampling.threads import ThreadTuner, restore_threads
-
-ENTROPY_WINDOW = 256  # tokens (the reference's)
-ENTROPY_MIN = 4.0  # nats
+from bd3.sampling.types import ENTROPY_WINDOW, BlockEvent, Decoding, Sample  # noqa: F401 - the CLI imports them from here
 
 
-@dataclass
-class Sample:
-    """One finished sample: all its tokens (BOS and prompt included)."""
+def sample_blocks(den: Denoiser, *, block_size: int, mdlm: bool = False, **options) -> list[Sample]:
+    """Samples block by block from the denoiser ``den``
+    (:class:`~bd3.sampling.denoiser.ModelDenoiser` for a model); ``options`` are the
+    batch's (:class:`~bd3.sampling.rows.Rows`: ``max_tokens``, ``length``, ``mask_id``,
+    prompts, samples, seed, ``on_block``, ...) and :class:`Decoding`'s fields.
 
-    index: int  # the sample's number in the run (its random numbers come from it)
-    tokens: list[int]
-    prompt_tokens: int  # BOS + prompt
-    nfe: int = 0  # model calls that computed something for this sample
-    stop: str = "length"  # length | eos | entropy
-    seconds: float = 0.0  # from the start of its batch to its end
-
-    @property
-    def new_tokens(self) -> int:
-        return len(self.tokens) - self.prompt_tokens
-
-
-@dataclass
-class BlockEvent:
-    """What ``on_block`` receives after each block (or every few AR tokens)."""
-
-    samples: list[int]  # sample index of each row that took part
-    new_tokens: list[list[int]]  # the tokens each of them added (up to its end)
-    finished: list[Sample] = field(default_factory=list)
-
-
-@dataclass
-class Decoding:
-    """How tokens are chosen; shared by every sampler."""
-
-    rule: str = "first-hitting"
-    steps: int | None = None  # ddpm steps per block (default: the block's size)
-    threshold: float = 0.9  # confidence decoding's P
-    top_p: float = 0.9
-    temperature: float = 1.0
-    stop: str = "none"
-
-    def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise ValueError(f"unknown update rule {self.rule!r}; choose one of {', '.join(RULES)}")
-        if self.stop not in STOPS:
-            raise ValueError(f"unknown stop rule {self.stop!r}; choose one of {', '.join(STOPS)}")
-        if self.steps is not None and self.steps < 1:
-            raise ValueError(f"steps must be positive, got {self.steps}")
-
-    @property
-    def eos(self) -> bool:
-        return self.stop in ("eos", "both")
-
-    @property
-    def entropy(self) -> bool:
-        return self.stop in ("entropy", "both")
-
-
-def unigram_entropy(tokens: torch.Tensor) -> float:
-    """Entropy (nats) of the token histogram of a 1-D tensor."""
-    counts = torch.unique(tokens, return_counts=True)[1].double()
-    p = counts / counts.sum()
-    return float(-(p * p.log()).sum())
-
-
-def low_entropy(tokens: torch.Tensor, end: int) -> bool:
-    """The paper's rule on one row's tokens ``tokens[:end]``: more than 256 of them and the
-    last 256 have an entropy below 4 nats."""
-    return end > ENTROPY_WINDOW and unigram_entropy(tokens[end - ENTROPY_WINDOW : end]) < ENTROPY_MIN
-
-
-def finished_samples(index, seq, ends, stop, prompt_tokens: Sequence[int], nfe, seconds: float) -> list[Sample]:
-    """A :class:`Sample` for each row with a stop reason (``prompt_tokens``: each row's
-    prompt length); a row stopped by low entropy loses the low-entropy window (its last
-    ``ENTROPY_WINDOW`` tokens, never the prompt)."""
-    out = []
-    for r, why in enumerate(stop):
-        if why:
-            end, given = int(ends[r]), int(prompt_tokens[r])
-            if why == "entropy":
-                end = max(given, end - ENTROPY_WINDOW)
-            out.append(Sample(index[r], seq[r, :end].tolist(), given, int(nfe[r]), why, seconds))
-    return out
-
-
-def surviving_rows(stop, index, rng: RowRNG, device) -> tuple[list[int], torch.Tensor]:
-    """The sample indices of the rows without a stop reason and their row numbers (the
-    rows' random generators are narrowed to them)."""
-    keep = [r for r, why in enumerate(stop) if not why]
-    rng.select(keep)
-    return [index[r] for r in keep], torch.tensor(keep, dtype=torch.long, device=device)
-
-
-def checked_prompt(prompt, bos_id: int, device, *, max_tokens: int, length: int) -> torch.Tensor:
-    """The prompt as a tensor (default: BOS alone), checked against the output length and
-    the model's context."""
-    if prompt is None:
-        prompt = [bos_id]
-    p = torch.as_tensor(list(prompt) if not isinstance(prompt, torch.Tensor) else prompt, dtype=torch.long, device=device)
-    if p.numel() >= max_tokens:
-        raise ValueError(f"max_tokens ({max_tokens}) must exceed the prompt's {p.numel()} tokens")
-    if p.numel() >= length:
-        raise ValueError(f"the prompt ({p.numel()} tokens with BOS) must be shorter than the model's context ({length})")
-    return p
-
-
-def sample_indices(samples, batch: int | None, rng: RowRNG | None, prompts) -> list[int]:
-    """Each row's sample index: ``samples``, else 0..n-1 for n = ``batch``, the rows of
-    ``rng`` or the number of ``prompts`` (default 1)."""
-    if samples is not None:
-        return list(samples)
-    for n in (batch, None if rng is None else len(rng), None if prompts is None else len(prompts)):
-        if n is not None:
-            return list(range(n))
-    return [0]
-
-
-def row_prompts(prompt, prompts, rows: int, bos_id: int, device, *, max_tokens, length: int) -> tuple[list[torch.Tensor], list[int]]:
-    """Each row's prompt as a tensor (``prompts``, one per row; else ``prompt`` for every
-    row) and its ``max_tokens`` (one for every row, or one per row), each pair checked by
-    :func:`checked_prompt`."""
-    if prompt is not None and prompts is not None:
-        raise ValueError("give prompt (every row's) or prompts (one per row), not both")
-    ends = [int(n) for n in max_tokens] if isinstance(max_tokens, Sequence) else [int(max_tokens)] * rows
-    shared = prompts is None
-    if shared:
-        prompts = [prompt] * rows
-    if len(prompts) != rows or len(ends) != rows:
-        raise ValueError(f"{len(prompts)} prompts and {len(ends)} max_tokens for a batch of {rows}")
-    if shared and len(set(ends)) == 1:  # one prompt: checked and converted once
-        return [checked_prompt(prompt, bos_id, device, max_tokens=ends[0], length=length)] * rows, ends
-    return [checked_prompt(p, bos_id, device, max_tokens=n, length=length) for p, n in zip(prompts, ends)], ends
-
-
-def prompt_rows(prompts: list[torch.Tensor], width: int, mask_id: int, device) -> torch.Tensor:
-    """(len(prompts), width) token ids: each row its prompt, then masks."""
-    seq = torch.full((len(prompts), width), mask_id, dtype=torch.long, device=device)
-    if all(p is prompts[0] for p in prompts):
-        seq[:, : prompts[0].numel()] = prompts[0]
-    else:
-        for r, p in enumerate(prompts):
-            seq[r, : p.numel()] = p
-    return seq
-
-
-def sample_blocks(
-    model,
-    *,
-    batch: int | None = None,
-    max_tokens: int | Sequence[int],
-    block_size: int,
-    length: int,
-    mask_id: int,
-    bos_id: int = 0,
-    eos_id: int | None = None,
-    prompt: Sequence[int] | torch.Tensor | None = None,
-    prompts: Sequence[Sequence[int] | torch.Tensor] | None = None,
-    seed: int = 0,
-    samples: Sequence[int] | None = None,
-    rng: RowRNG | None = None,
-    decoding: Decoding | None = None,
-    kv_cache: bool = True,
-    engine: bool = True,
-    mdlm: bool = False,
-    on_block: Callable[[BlockEvent], None] | None = None,
-    device: torch.device | str | None = None,
-    threads: int | ThreadTuner | None = None,
-    **decoding_kw,
-) -> list[Sample]:
-    """Generate ``batch`` samples of ``max_tokens`` tokens each (BOS and prompt included,
-    fewer for rows that stop), block by block.
-
-    ``prompt``: every row's first tokens (BOS included; default BOS alone); or ``prompts``,
-    one per row (the batch is then their number), and ``max_tokens`` one per row.
-
-    ``model``: a DiT (run through the inference :class:`~bd3.sampling.engine.Engine`, or
-    ``DiT.hidden_states`` with ``engine=False``), or any denoiser callable (see
-    :mod:`bd3.sampling.denoiser`). ``mdlm``: block size = ``length`` with full attention,
-    and beyond it a window of ``length`` sliding by ``block_size`` (MDLM's semi-autoregressive
-    stride; ``block_size`` is then the stride). Randomness: sample ``samples[i]`` (default i)
-    draws from a generator seeded by ``(seed, samples[i])`` unless ``rng`` is given.
-    ``on_block`` gets a :class:`BlockEvent` after every block. Extra keywords are
-    :class:`Decoding` fields. ``threads``: CPU threads, or None to let a
-    :class:`~bd3.sampling.threads.ThreadTuner` choose by timing the calls.
+    ``mdlm``: the first block is the whole ``length``, then blocks of ``block_size`` (MDLM's
+    semi-autoregressive stride over a window of ``length``; ``den`` has full attention).
     """
-    decoding = decoding or Decoding(**decoding_kw)
-    samples = sample_indices(samples, batch, rng, prompts)
-    B = len(samples)
-    rng = rng or RowRNG.for_samples(seed, samples)
-    if isinstance(model, torch.nn.Module) or hasattr(model, "hidden"):
-        device = device or (model.vocab_embed.embedding.device if hasattr(model, "vocab_embed") else model.device)
-        if mdlm:
-            den = ModelDenoiser(model, B, block_size=block_size, context=length - block_size, kv_cache=False,
-                                attention="full", engine=engine)
-        else:
-            den = ModelDenoiser(model, B, block_size=block_size, context=length - block_size, kv_cache=kv_cache, engine=engine)
-    else:
-        den = model if hasattr(model, "commit") else FunctionDenoiser(model)
-        device = device or "cpu"
-    prompts, ends = row_prompts(prompt, prompts, B, bos_id, device, max_tokens=max_tokens, length=length)
-    N = max(ends)
-    if mdlm:
-        spans = [(0, length)] + [(s, s + block_size) for s in range(length, N, block_size)]
-    else:
-        spans = [(s, s + block_size) for s in range(0, N, block_size)]
-    if isinstance(den, ModelDenoiser):
-        den.tuner = threads if isinstance(threads, ThreadTuner) else ThreadTuner(threads, device)
-    with torch.inference_mode(), restore_threads():
-        return _run(den, spans, prompts, ends, samples, rng, decoding, mask_id=mask_id, eos_id=eos_id,
-                    on_block=on_block, device=device)
+    rows = Rows(**options)
+    length = rows.length
+    first = [(0, length)] if mdlm else []
+    spans = first + [(s, s + block_size) for s in range(length if mdlm else 0, rows.width, block_size)]
+    return run_rows(rows, spans, functools.partial(_denoise, den, rows, {e: s for s, e in spans}), den.select)
 
 
-def _run(den, spans, prompts, ends, samples, rng, dec: Decoding, *, mask_id, eos_id, on_block, device) -> list[Sample]:
-    t0 = time.perf_counter()
-    seq = prompt_rows(prompts, spans[-1][1], mask_id, device)
-    given = torch.tensor([p.numel() for p in prompts])  # each row's prompt length (BOS included)
-    ends = torch.tensor(ends)  # and its max_tokens
-    index = list(samples)
-    nfe = torch.zeros(len(index), dtype=torch.long)
-    done: dict[int, Sample] = {}
-    use_eos = dec.eos and eos_id is not None
-    for bi, (s, e) in enumerate(spans):
-        if e <= int(given.min()):  # a prompt block for every row: into the cache (folded into the next call)
-            den.commit(seq[:, s:e], s)
-            continue
-        W = e - s
-        lo, hi = (given - s).clamp(0, W), (ends - s).clamp_max(W)  # each row's positions to generate, in the block
-        cols = torch.arange(W)
-        made = ((cols >= lo[:, None]) & (cols < hi[:, None])).to(device)
-        blk = seq[:, s:e].clone()
-        _denoise(den, blk, s, made.clone(), rng, nfe, dec, mask_id=mask_id, eos_id=eos_id if use_eos else None)
-        seq[:, s:e] = blk
-        # where each row ends (a row still in its prompt generated nothing and does not end)
-        end = s + hi
-        stop = ["length" if n <= e else "" for n in ends.tolist()]
-        if use_eos:
-            hit = ((blk == eos_id) & made).cpu()
-            rows = hit.any(1).nonzero()[:, 0].tolist()
-            for r in rows:
-                end[r] = s + int(hit[r].int().argmax()) + 1
-                stop[r] = "eos"
-        if dec.entropy:
-            for r in (lo < hi).nonzero()[:, 0].tolist():
-                if stop[r] != "eos" and low_entropy(seq[r], int(end[r])):
-                    stop[r] = "entropy"
-        finished = finished_samples(index, seq, end, stop, given, nfe, time.perf_counter() - t0)
-        done.update((smp.index, smp) for smp in finished)
-        if on_block is not None:
-            new = blk.tolist()
-            new = [row[int(lo[r]) : int(end[r]) - s] for r, row in enumerate(new)]
-            on_block(BlockEvent(list(index), new, finished))
-        if len(finished) == len(index):
-            break
-        if finished:
-            index, keep = surviving_rows(stop, index, rng, device)
-            seq, blk, nfe, given, ends = seq[keep], blk[keep], nfe[keep.cpu()], given[keep.cpu()], ends[keep.cpu()]
-            den.select(keep)
-        if bi + 1 < len(spans):
-            den.commit(blk, s)
-    return [done[i] for i in samples]
-
-
-def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id, eos_id) -> None:
-    """Unmask the ``todo`` positions of ``blk`` (B, W) in place by ``dec.rule``."""
+def _denoise(den: Denoiser, batch: Rows, starts: dict[int, int], start: int, end: int) -> bool:
+    """The block [start, end): give the denoiser the previous block (clean now; ``starts``:
+    each block's start by its end), then unmask the positions each row generates, in place,
+    by the decoding's rule; a row stops denoising after its first end-of-text token. False
+    for a block that is prompt for every row (it goes into the cache with the next call)."""
+    if start in starts:
+        den.commit(batch.seq[:, starts[start] : start], starts[start])
+    if end <= int(batch.given.min()):
+        return False
+    dec, mask_id, eos_id, rng, nfe = batch.decoding, batch.mask_id, batch.eos_id, batch.rng, batch.nfe
+    blk, todo = batch.seq[:, start:end], batch.generated(start, end)
     B, W = blk.shape
     device = blk.device
     # per row: W for the order / steps, W for the tokens; none for a row with nothing to do
@@ -348,7 +111,7 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
             else:
                 rows = active.nonzero()[:, 0]
                 if rows.numel() == 0:
-                    return
+                    return True
                 pos = pos[rows]
             sample(call(rows, pos), rows, pos)
     elif dec.rule == "ddpm":
@@ -364,7 +127,7 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
         while True:
             rows, pos = todo.nonzero(as_tuple=True)
             if rows.numel() == 0:
-                return
+                return True
             w = call(rows, pos)
             conf = confidence(w)
             pick = conf > dec.threshold
@@ -377,38 +140,4 @@ def _denoise(den, blk, start, todo, rng: RowRNG, nfe, dec: Decoding, *, mask_id,
             first = first[(picked == 0) & (first < N)]
             pick[first] = True
             sample(w[pick], rows[pick], pos[pick])
-
-
-# -- the primitives the reference-parity tests use ------------------------------------
-
-
-def denoise_block(model, block: torch.Tensor, start: int, *, cache=None, context: torch.Tensor | None = None):
-    """Hidden states (B, L', D) of a noisy block starting at token ``start``, through
-    ``DiT.hidden_states``.
-
-    With a KV cache the block attends to the cached clean tokens and to itself; without one
-    the clean ``context`` and the block are recomputed under the block-causal mask.
-    """
-    block_size = block.shape[1]
-    if cache is not None:
-        positions = torch.arange(start, start + block_size, device=block.device)
-        return model.hidden_states(block, positions=positions, kv_cache=cache)
-    seq = torch.cat([context, block], dim=1)
-    h, c = model.hidden_states(seq, attn_mask=block_causal_mask(seq.shape[1], block_size, str(block.device)))
-    return h[:, -block_size:], c
-
-
-def commit_block(model, cache, block: torch.Tensor, start: int) -> None:
-    """One pass over a finished, clean block writes its K/V into the cache."""
-    cache.make_room(block.shape[1])
-    denoise_block(model, block, start, cache=cache)
-    cache.commit(block.shape[1])
-
-
-def expected_calls(rule: str, block: int, steps: int | None = None) -> float:
-    """Expected model calls to denoise one block of ``block`` masked positions at batch 1:
-    ``block`` for first-hitting, the expected number of distinct steps for ddpm."""
-    if rule == "ddpm":
-        T = steps or block
-        return T * (1 - (1 - 1 / T) ** block)
-    return float(block) if rule == "first-hitting" else math.nan
+    return True

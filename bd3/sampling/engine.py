@@ -1,41 +1,46 @@
-"""An inference-only view of a :class:`bd3.model.DiT` for the samplers.
+"""The CPU accelerator: an inference-only view of a :class:`bd3.model.DiT` for the samplers.
 
 Sampling calls the backbone once per generated token on a few positions, so the time goes
-to per-operation overhead, not arithmetic. This engine computes the same function as
-``DiT.hidden_states`` / ``DiT.logits`` (pinned by tests to 1e-5) with about half the
-operations:
+to per-operation overhead, not arithmetic. :class:`Engine` has the model's forward
+interface (``engine(tokens, positions=, attn_mask=, kv_cache=, select=)``, the same logits,
+pinned by tests to 1e-5) with about half the operations:
 
 - time conditioning is off, so every adaLN modulation is a constant: shift and scale are
   folded into the LayerNorm weight and bias, the residual gates into the output
   projections, once;
-- rotary cos/sin tables are computed once (angles in float64, as the model) and grown as
-  positions grow;
-- q and k are rotated together (``x * cos + roll(x) * sign * sin``);
+- the model's rotary cos/sin tables are computed once and grown as positions grow; q and k
+  are rotated together;
 - ``query`` (B, Q) asks for the hidden states of Q positions per row only: the last layer
   then computes attention and its MLP at those positions only (the others still give keys
   and values);
 - on a CPU the linear layers run through oneDNN with weights packed once (:class:`Linear`),
   with the GELU and the residual additions fused into them: the sampler's products have
-  1-128 rows, where ``addmm`` re-packs the weights on every call; packed, a sampling call of
-  the reference's ``tiny`` model is about 1.4x faster. One row through the output layer is
-  two half-vocabulary products (:func:`_halves`), one per thread;
+  1-128 rows, where ``addmm`` re-packs the weights on every call. One row through the output
+  layer is two half-vocabulary products (:func:`_halves`), one per thread;
 - ``precision="fp16"`` / ``"bf16"`` trade exactness for speed (see :class:`Engine`);
-- the layer loop is :func:`bd3.sampling.backbone.layers`, compiled by TorchScript (a
-  sampling call is then ~0.8 ms shorter at the ``tiny`` size: no Python between operations).
+- the layer loop is :func:`bd3.sampling.backbone.layers`, compiled by TorchScript (no
+  Python between operations; why TorchScript and not ``torch.compile``: see that module).
 
-The KV cache layout is the model's (:class:`bd3.model.KVCache`: K after rotary, and V).
+It runs on CPUs only, where it is tested equal to the model: :func:`inference_forward`
+picks it (``auto``) on a CPU and the DiT itself elsewhere. The KV cache layout is the
+model's (:class:`bd3.model.KVCache`: K after rotary, and V).
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
-from bd3.choices import SAMPLE_PRECISIONS
+from bd3.choices import MODEL_PRECISIONS, SAMPLE_PRECISIONS
 from bd3.errors import Bd3Error
+from bd3.model.dit import signed_sin
 from bd3.model.kv_cache import KVCache
+from bd3.model.mask import Mask
 from bd3.runtime import resolve_precision
 from bd3.sampling import backbone
+from bd3.sampling.threads import ThreadTuner
 
 
 def _onednn(device: torch.device, dtype: torch.dtype) -> bool:
@@ -73,6 +78,27 @@ def sampling_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
+def inference_forward(model, engine: bool | None = None, precision: str = "fp32", *, threads: int | None = None,
+                      time_conditioned: bool = False):
+    """What the samplers run ``model`` (a DiT) through: its :class:`Engine` (``engine=True``;
+    a CPU only; ``threads`` as :class:`Engine`'s) or the DiT itself (``engine=False``, at
+    fp32 or under bf16 autocast); None picks the engine on a CPU, the DiT elsewhere. A
+    time-conditioned model (SEDD) runs as itself (the engine folds the constant
+    conditioning)."""
+    cpu = model.device.type == "cpu"
+    if engine is None:
+        engine = cpu and not time_conditioned
+    if engine and time_conditioned:
+        raise ValueError("a time-conditioned (SEDD) model samples through the DiT itself, not the engine")
+    if engine and not cpu:
+        raise ValueError(f"the sampling engine runs on CPUs only (it is tested there); {model.device} samples through the DiT")
+    if engine:
+        return Engine(model, precision, threads=threads)
+    if precision not in MODEL_PRECISIONS:
+        raise ValueError(f"precision {precision!r} needs the CPU engine; the model itself runs in {' or '.join(MODEL_PRECISIONS)}")
+    return model
+
+
 class Linear:
     """``x @ weight.T + bias`` for a fixed weight (out, in), optionally followed by the
     tanh GELU or added to a residual, in one call; in the weight's dtype (a float32
@@ -97,23 +123,23 @@ class Linear:
             self.packed = torch.ops.quantized.linear_prepack_fp16(weight.contiguous(), bias)
         else:
             self.weight = weight.t().contiguous()
-        self._lists = weight_lists(kind, [self])  # built once: the output layer runs every call
+        self._weights = weights(kind, [self])  # built once: the output layer runs every call
 
     def __call__(self, x: torch.Tensor, *, gelu: bool = False, residual: torch.Tensor | None = None) -> torch.Tensor:
-        return backbone.linear(x, self.kind, *self._lists, 0, gelu, residual)
+        return backbone.linear(x, self._weights, 0, gelu, residual)
 
 
-def weight_lists(kind: str, linears: list[Linear]) -> tuple[list, list, list]:
-    """:func:`bd3.sampling.backbone.linear`'s ``packed``, ``weight`` and ``bias`` lists."""
+def weights(kind: str, linears: list[Linear]) -> backbone.Weights:
+    """``linears`` as :func:`bd3.sampling.backbone.linear` takes them."""
     fp16 = kind == "fp16"
-    return [lin.packed for lin in linears] if fp16 else [], [] if fp16 else [lin.weight for lin in linears], [lin.bias for lin in linears]
+    return backbone.Weights(kind, [lin.packed for lin in linears] if fp16 else [], [] if fp16 else [lin.weight for lin in linears],
+                            [lin.bias for lin in linears])
 
 
 def _halves(weight: torch.Tensor, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The output layer for one row as two half-vocabulary products (``baddbmm``: one per
     thread): (2, D, V/2) and (2, 1, V/2), the vocabulary padded to even. For a single row
-    this streams the float32 weights about 15% faster per sampling call than oneDNN's one
-    product (measured at V = 50k, D = 256 on 2 cores)."""
+    this streams the float32 weights faster than oneDNN's one product (benchmarks/README.md)."""
     V, D = weight.shape
     half = (V + 1) // 2
     w = weight.new_zeros(2 * half, D)
@@ -142,12 +168,17 @@ class Engine:
     ``"fp16"`` (CPU with FBGEMM: :func:`fp16_weights_supported`), the linear layers' weights
     stored as float16, products and outputs float32 (logits within ~2.5e-4 of fp32, relative to
     their scale). The residual stream, LayerNorm, attention and the KV cache stay in the
-    model's dtype (float32 attention is also the faster one on a CPU)."""
+    model's dtype (float32 attention is also the faster one on a CPU).
 
-    def __init__(self, model, precision: str = "fp32") -> None:
+    ``threads``: CPU threads for every call, or None to let :attr:`tuner` (a
+    :class:`~bd3.sampling.threads.ThreadTuner`) choose them by timing the calls."""
+
+    def __init__(self, model, precision: str = "fp32", *, threads: int | None = None) -> None:
         if precision not in SAMPLE_PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(SAMPLE_PRECISIONS)}, not {precision!r}")
-        if precision == "fp16" and not fp16_weights_supported(model.vocab_embed.embedding.device):
+        if model.device.type != "cpu":
+            raise ValueError(f"the sampling engine runs on CPUs only, not {model.device}")
+        if precision == "fp16" and not fp16_weights_supported(model.device):
             raise ValueError("precision fp16 needs a CPU and a torch built with FBGEMM (x86)")
         cfg = model.cfg
         self.model = model
@@ -164,16 +195,12 @@ class Engine:
             self.kind = "fp16"
         else:
             self.kind = "onednn" if _onednn(self.device, self.compute) else "addmm"
-        # xformers runs the sampler's attention too; flex does not: the shapes change every
-        # call (the cache grows), which would recompile its kernel, and a block or two of
-        # queries leaves no tiles to skip. SDPA it is, for flex and sdpa.
-        self.xformers = getattr(model, "attn", "sdpa") == "xformers"
         with torch.no_grad():
             self.embedding = emb.detach()
             if self.causal:
                 c = None
-            else:  # the constant conditioning vector, through the model's own public API
-                c = model.hidden_states(torch.zeros(1, 1, dtype=torch.long, device=self.device))[1]
+            else:  # the constant conditioning vector
+                c = model.conditioning()
             linears = [lin for block in model.blocks for lin in self._fold(block, c)]
             out = model.output_layer
             w, shift = out.norm_final.weight.detach(), None
@@ -183,9 +210,10 @@ class Engine:
             head_w, head_b = _fold_norm(w, shift, out.linear.weight, out.linear.bias)
             self.head = self._linear(head_w, head_b)
             self._halves = _halves(head_w, head_b) if self.kind == "onednn" and self.compute == torch.float32 else None
-            self.inv_freq = model.rotary_emb.inv_freq.detach().double()
-        self._weights = (self.kind, *weight_lists(self.kind, linears))  # backbone.layers' arguments
+            self.rotary = model.rotary_emb
+        self._weights = weights(self.kind, linears)
         self._layers = backbone.scripted() or backbone.layers
+        self.tuner = ThreadTuner(threads, self.device)
         self._cos = self._sin = None
         self._grow(max(self.length, 64))
 
@@ -212,14 +240,9 @@ class Engine:
     # -- rotary ---------------------------------------------------------------------
 
     def _grow(self, n: int) -> None:
-        pos = torch.arange(n, dtype=torch.float64, device=self.device)
-        freqs = pos[:, None] * self.inv_freq.to(self.device)[None, :]
-        emb = torch.cat([freqs, freqs], dim=-1)
-        half = self.hd // 2
-        sign = torch.ones(self.hd, dtype=torch.float64, device=self.device)
-        sign[:half] = -1.0
-        self._cos = emb.cos().to(self.dtype)
-        self._sin = (emb.sin() * sign).to(self.dtype)  # rotate_half(x) * sin == roll(x) * (sign * sin)
+        """The model's rotary tables for positions 0..n-1, ``sin`` signed for ``rotate``."""
+        cos, sin = self.rotary.cos_sin(torch.arange(n, device=self.device), self.dtype)
+        self._cos, self._sin = cos, signed_sin(sin)
 
     def _rotary(self, start: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         if start + n > self._cos.shape[0]:
@@ -228,8 +251,35 @@ class Engine:
 
     # -- the backbone ---------------------------------------------------------------
 
-    def new_cache(self, batch: int, capacity: int | None = None) -> KVCache:
+    def new_kv_cache(self, batch: int, capacity: int | None = None) -> KVCache:
         return KVCache(self.n_layers, batch, self.H, self.hd, capacity or self.length, dtype=self.dtype, device=self.device)
+
+    @torch.inference_mode()
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        *,
+        positions: int = 0,
+        attn_mask: Mask | torch.Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        select: torch.Tensor | None = None,
+        sigma: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``DiT.forward``'s logits: (B, S, V), or (N, V) at the True entries of ``select``
+        (B, S) in row-major order, whose last layer then computes only those queries.
+        ``positions``: the first of S consecutive rotary positions (an int, where the DiT
+        also takes a tensor)."""
+        if sigma is not None:
+            raise ValueError("the engine folds the constant conditioning: a time-conditioned model runs as itself")
+        with self.tuner.call():
+            if select is None:
+                return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask))
+            rows, pos = select.nonzero(as_tuple=True)
+            query, slot = pack_queries(rows, pos, tokens.shape[0])
+            h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query)
+            return self.logits(h[rows, slot])
+
+    __call__ = forward
 
     @torch.inference_mode()
     def hidden(
@@ -238,35 +288,36 @@ class Engine:
         start: int = 0,
         *,
         cache: KVCache | None = None,
-        mask: torch.Tensor | None = None,
+        mask: Mask | torch.Tensor | None = None,
         query: torch.Tensor | None = None,
         causal: bool = False,
     ) -> torch.Tensor:
         """The last residual stream of ``tokens`` (B, S) at rotary positions start..start+S-1:
         (B, S, D), or (B, Q, D) at the positions ``query`` (B, Q) of each row.
 
-        With ``cache`` the tokens attend to the cached tokens and (per ``mask``, (S, kv)
-        boolean or additive float, default all) to each other; their K/V are written after
-        the cached ones. ``causal`` (without a cache or mask): causal attention.
+        With ``cache`` the tokens attend to the cached tokens and (per ``mask``, a
+        :class:`Mask` or a (S, kv) boolean or additive float table, default all) to each
+        other; their K/V are written after the cached ones. ``causal`` (without a cache or mask): causal attention.
         """
         B, S = tokens.shape
         x = F.embedding(tokens, self.embedding).view(B * S, self.D)
         cos, sin = self._rotary(start, S)
         if causal and cache is None and mask is None and query is not None:
             mask = torch.ones(S, S, dtype=torch.bool, device=tokens.device).tril_()  # queries subset: explicit
-        xformers = self.xformers and (mask is None or mask.dtype == torch.bool)
-        if mask is not None and mask.dtype == torch.bool and not xformers:
-            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         k = v = None
         length = 0
         if cache is not None:
             if cache.length + S > cache.capacity:
                 raise ValueError(f"KV cache overflow: {cache.length + S} > {cache.capacity}; call make_room first")
             k, v, length = cache.k, cache.v, cache.length
+        if isinstance(mask, Mask):
+            mask = _additive(mask, S, length + S, self.dtype, str(self.device))
+        elif mask is not None and mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=self.dtype, device=mask.device).masked_fill_(~mask, -torch.inf)
         return self._layers(
-            x, B, S, *self._weights, self.H, self.dtype, self.compute,
+            x, B, S, self._weights, self.H, self.dtype, self.compute,
             cos[None, :, None, None, :], sin[None, :, None, None, :], k, v, length,
-            mask, query, causal and cache is None and mask is None, xformers,
+            mask, query, causal and cache is None and mask is None,
         )
 
     @torch.inference_mode()
@@ -276,9 +327,28 @@ class Engine:
         x = self._norm(h.reshape(-1, self.D))
         if x.shape[0] == 1 and self._halves is not None:
             w, b = self._halves
-            return torch.baddbmm(b, x.expand(2, 1, self.D), w).view(-1)[: self.vocab_size].view(*shape, -1)
-        return self.head(x).view(*shape, -1).to(self.dtype)
+            return torch.baddbmm(b, x.expand(2, 1, self.D), w).view(-1)[: self.vocab_size].view(*shape, self.vocab_size)
+        return self.head(x).view(*shape, self.vocab_size).to(self.dtype)
 
     def _norm(self, x: torch.Tensor) -> torch.Tensor:
         """LayerNorm (no affine: folded into the next layer) in float32, cast for the product."""
         return F.layer_norm(x, (self.D,)).to(self.compute)
+
+
+@lru_cache(maxsize=64)
+def _additive(mask: Mask, rows: int, cols: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """``mask``'s table as an additive (0 / -inf) one, made once per shape."""
+    return torch.zeros(rows, cols, dtype=dtype, device=device).masked_fill_(~mask.dense(rows, cols, device), -torch.inf)
+
+
+def pack_queries(rows: torch.Tensor, pos: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row, position) pairs, rows ascending -> a (batch, Q) query matrix (padded with
+    position 0) and each pair's slot in it."""
+    if rows.numel() == batch and rows.equal(torch.arange(batch, device=rows.device)):  # one per row
+        return pos[:, None], torch.zeros_like(rows)
+    counts = torch.bincount(rows, minlength=batch)
+    Q = int(counts.max()) if rows.numel() else 1
+    slot = torch.arange(rows.numel(), device=rows.device) - (counts.cumsum(0) - counts)[rows]
+    query = torch.zeros(batch, Q, dtype=torch.long, device=rows.device)
+    query[rows, slot] = pos
+    return query, slot

@@ -15,15 +15,17 @@ do not depend on the prompts of the others in its batch either.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 
-from bd3.runtime import MODEL_PRECISIONS, autocast
+from bd3.runtime import autocast
 from bd3.sampling.ar import sample_ar
-from bd3.sampling.block import BlockEvent, Decoding, Sample, sample_blocks
-from bd3.sampling.denoiser import backend_for
+from bd3.sampling.block import sample_blocks
+from bd3.sampling.denoiser import ModelDenoiser
+from bd3.sampling.engine import inference_forward
 from bd3.sampling.rng import RowRNG
 from bd3.sampling.sedd import sample_sedd
-from bd3.sampling.threads import ThreadTuner
+from bd3.sampling.types import BlockEvent, Decoding, Sample
 
 TOKEN_BYTES = 96  # per token of each sample: its id in the sampler's buffer (8) and as a Python int (40), its text and JSON
 BLOCK_BYTES = 128  # per block of the schedule: its (start, end) pair
@@ -54,7 +56,7 @@ def generate(
     decoding: Decoding | None = None,
     kv_cache: bool = True,
     seed: int = 0,
-    engine: bool = True,
+    engine: bool | None = None,
     precision: str = "fp32",
     threads: int | None = None,
     on_block: Callable[[BlockEvent], None] | None = None,
@@ -64,9 +66,11 @@ def generate(
     ``prompt``: every sample's first tokens (BOS included; default BOS alone); or
     ``prompts``, one per sample (``num_samples`` is then their number), with ``max_tokens``
     an int or one per sample. ``streams``: sample i draws from ``(seed, streams[i])``
-    instead of ``(seed, i)``. ``precision``: fp32; bf16 (the engine's linear layers in bf16;
-    SEDD's DiT under bf16 autocast); fp16 (the engine's linear weights in float16, x86 CPUs;
-    not for SEDD)."""
+    instead of ``(seed, i)``. ``engine``: run on the CPU engine (:mod:`bd3.sampling.engine`),
+    or on the DiT itself; None (auto): the engine on a CPU, the DiT elsewhere. ``threads``:
+    the engine's CPU threads (None: chosen by timing). ``precision``: fp32; bf16 (the
+    engine's linear layers in bf16, or the DiT under bf16 autocast); fp16 (the engine's
+    linear weights in float16, x86 CPUs)."""
     decoding = decoding or Decoding()
     if prompts is not None:
         if prompt is not None:
@@ -77,30 +81,33 @@ def generate(
             raise ValueError(f"{name} has {len(per_sample)} entries for {num_samples} samples")
     algo, L = config.diffusion.algo, config.model.length
     data = config.data
-    # built once, shared by the batches (SEDD is time-conditioned: the DiT itself, no engine)
-    if algo == "sedd" and precision not in MODEL_PRECISIONS:
-        raise ValueError(f"SEDD samples through the DiT itself, in fp32 or bf16, not {precision!r}")
-    backend = model if algo == "sedd" else backend_for(model, engine, precision)
-    device = model.vocab_embed.embedding.device if algo == "sedd" else backend.device
-    threads = ThreadTuner(threads, device)  # so is what it learnt about threads
+    # built once, shared by the batches: the forward (the DiT, or its CPU engine and what
+    # the engine's thread tuner learnt)
+    net = inference_forward(model, engine, precision, threads=threads, time_conditioned=algo == "sedd")
+    device = net.device
     batch_size = max(min(batch_size or num_samples, num_samples), 1)
     if prompts is None:
         prompt = list(prompt) if prompt is not None else [data.start_id]
     common = dict(length=L, mask_id=data.mask_id, bos_id=data.bos_id, eos_id=data.eos_id, prompt=prompt, seed=seed,
-                  decoding=decoding, on_block=on_block, threads=threads)
+                  decoding=decoding, on_block=on_block, device=device)
+    bs = max(L // 2, 1) if algo == "mdlm" else block_size or config.diffusion.block_size
     out: list[Sample] = []
-    for first in range(0, num_samples, batch_size):
-        samples = list(range(first, min(first + batch_size, num_samples)))
-        common.update(samples=samples, max_tokens=[max_tokens[i] for i in samples] if isinstance(max_tokens, Sequence) else max_tokens,
-                      prompts=None if prompts is None else [prompts[i] for i in samples],
-                      rng=None if streams is None else RowRNG.for_samples(seed, [streams[i] for i in samples]))
-        if algo == "ar":
-            out += sample_ar(backend, **common)
-        elif algo == "sedd":
-            with autocast(device, precision):
-                out += sample_sedd(backend, schedule=config.diffusion.schedule, **common)
-        elif algo == "mdlm":
-            out += sample_blocks(backend, block_size=max(L // 2, 1), mdlm=True, **common)
-        else:
-            out += sample_blocks(backend, block_size=block_size or config.diffusion.block_size, kv_cache=kv_cache, **common)
+    # the model itself runs bf16 under autocast; the engine has its precision built in
+    with autocast(device, precision) if net is model else contextlib.nullcontext():
+        for first in range(0, num_samples, batch_size):
+            samples = list(range(first, min(first + batch_size, num_samples)))
+            common.update(samples=samples, prompts=None if prompts is None else [prompts[i] for i in samples],
+                          max_tokens=[max_tokens[i] for i in samples] if isinstance(max_tokens, Sequence) else max_tokens,
+                          rng=None if streams is None else RowRNG.for_samples(seed, [streams[i] for i in samples]))
+            if algo == "ar":
+                out += sample_ar(ModelDenoiser(net, attention="causal", context=L - 1), **common)
+            elif algo == "sedd":
+                den = ModelDenoiser(net, attention="full", kv_cache=False)
+                out += sample_sedd(den, schedule=config.diffusion.schedule, **common)
+            elif algo == "mdlm":
+                den = ModelDenoiser(net, attention="full", kv_cache=False, block_size=bs, context=L - bs)
+                out += sample_blocks(den, block_size=bs, mdlm=True, **common)
+            else:
+                den = ModelDenoiser(net, block_size=bs, context=L - bs, kv_cache=kv_cache)
+                out += sample_blocks(den, block_size=bs, **common)
     return out

@@ -3,20 +3,20 @@
 A sampling call is a few hundred small operations. A second thread makes them faster when
 the other core is free (the vocabulary projection and the matrix products split well), but
 when another process keeps that core busy every parallel region waits for a descheduled
-thread, and a call gets 10-30x slower (measured on the 2-core machine this was built on).
+thread, and a call gets many times slower (benchmarks/README.md, "Threads").
 Neither is known in advance and either can change during a long run, so
 :class:`ThreadTuner` starts with one thread, watches how busy the machine is apart from
 this process (``/proc/stat``), moves to all threads once it has seen the other cores free
 for the first 0.1 s, and from then on, while they stay free, now and then runs a few calls
 with the other setting and keeps whichever was faster. The first call after a
 change of thread count is not compared: the thread pool wakes up during it and it can take
-1.5x as long (measured), which made early probes lose; but a probe call (that one included)
+much longer, which made early probes lose; but a probe call (that one included)
 more than 3x slower than usual ends the probe at once. More threads are only tried right
 after a look at the other cores found them free: a call slowed down by a busy machine never
-sends the sampler to more threads, whose calls would then be 10-30x slower still. A lost
-probe makes the next one wait twice as long, or longer (probing costs about 1% of the
-time); when other processes take the cores, it goes back to one thread. On a GPU nothing is
-tuned.
+sends the sampler to more threads, whose calls would then be slower still. A lost
+probe makes the next one wait twice as long, or longer (probing costs at most MAX_SHARE of
+the time); when other processes take the cores, it goes back to one thread. The engine
+(:mod:`bd3.sampling.engine`) owns one; on a GPU the DiT runs and nothing is tuned.
 """
 
 from __future__ import annotations

@@ -214,8 +214,8 @@ def rank_seed(seed: int, step: int, rank: int) -> int:
 
 
 class Objective(nn.Module):
-    """The training loss as one module call, so DDP and FSDP2 see a forward pass (the
-    objective calls the model's ``hidden_states`` and ``nll``, not its ``forward``)."""
+    """The training loss as one module call, so DDP and FSDP2 see the whole step as the
+    wrapped module's forward (the objective calls the unwrapped model inside it)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
