@@ -6,19 +6,33 @@ only, so it starts at once) sends its arguments, working folder, environment and
 stdout and stderr, and exits with the command's exit code. The server forks a child per
 command, which takes those file descriptors, folder and environment, runs
 ``bd3.cli.main.main(ARGS)`` exactly as the `bd3` console script does, and reports the code.
+The server also imports, once, what the commands import in their bodies (torch, the model,
+training, evaluation, sampling): only imports, never a tensor operation, so each child starts
+with no thread pool to inherit.
 Tests that drive shell scripts of many `bd3` commands (the recipes) set ``BD3`` to the client.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import socket
 import sys
 
 
+# what the commands import after parsing their options
+PRELOAD = [
+    "torch", "bd3.cli.common", "bd3.train", "bd3.evaluate.perplexity", "bd3.evaluate.zero_shot", "bd3.evaluate.gen_ppl",
+    "bd3.evaluate.variance", "bd3.evaluate.report", "bd3.sampling.generate", "bd3.sampling.text", "bd3.runs.records",
+]
+
+
 def serve(path: str) -> None:
-    from bd3.cli.main import main  # the expensive import, done once
+    from bd3.cli.main import main
+
+    for module in PRELOAD:  # the expensive imports, done once
+        importlib.import_module(module)
 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
