@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 from bd3.config import ModelConfig
 from bd3.model import DiT
 
-REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bd3lms-reference"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_FIXTURE = ROOT / "tests" / "fixtures" / "bd3lms-reference"
 
 
 @pytest.fixture
@@ -59,3 +62,18 @@ def reference_fixture() -> Path:
     if not (path / "expected.safetensors").exists():
         pytest.fail(f"reference fixture not found at {path}: BD3_REFERENCE_FIXTURE names a folder without expected.safetensors")
     return path
+
+
+@pytest.fixture(scope="session")
+def bd3_client(tmp_path_factory) -> list[str]:
+    """The command line of a `bd3` that starts in milliseconds: a client of tests/forkserver.py,
+    whose server imported torch and bd3 once. It runs under the environment and in the folder
+    it is called with, and stands for the command (its exit code, SIGTERM and SIGINT)."""
+    sock = tmp_path_factory.mktemp("fork") / "bd3.sock"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), "serve", str(sock)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    yield [sys.executable, str(ROOT / "tests" / "forkserver.py"), str(sock)]
+    server.kill()
+    server.wait()

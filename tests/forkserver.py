@@ -9,6 +9,10 @@ command, which takes those file descriptors, folder and environment, runs
 The server also imports, once, what the commands import in their bodies (torch, the model,
 training, evaluation, sampling): only imports, never a tensor operation, so each child starts
 with no thread pool to inherit.
+
+Commands run concurrently (the processes of a torchrun-style launch). The client stands for
+its command: SIGTERM and SIGINT sent to it reach the command, and a client that dies, however
+it dies, takes its command with it.
 Tests that drive shell scripts of many `bd3` commands (the recipes) set ``BD3`` to the client.
 """
 
@@ -17,9 +21,10 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import signal
 import socket
 import sys
-
+import threading
 
 # what the commands import after parsing their options
 PRELOAD = [
@@ -33,22 +38,26 @@ def serve(path: str) -> None:
 
     for module in PRELOAD:  # the expensive imports, done once
         importlib.import_module(module)
+    torch = sys.modules["torch"]
 
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
-    server.listen(1)
+    server.listen(16)
     print("ready", flush=True)
     while True:
         conn, _ = server.accept()
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
         request = json.loads(conn.makefile("r").readline())
-        pid = os.fork()
-        if pid == 0:  # the child: become the client's command
+        if os.fork() == 0:  # the child: become the client's command
+            conn.sendall(f"{os.getpid()}\n".encode())
+            threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
             for i, fd in enumerate(fds):
                 os.dup2(fd, i)
             os.chdir(request["cwd"])
             os.environ.clear()
             os.environ.update(request["env"])
+            if "OMP_NUM_THREADS" in os.environ:  # read at start-up by a fresh process
+                torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
             code = 1
             try:
                 code = main(request["argv"])
@@ -59,8 +68,23 @@ def serve(path: str) -> None:
                 os._exit(0)
         for fd in fds:
             os.close(fd)
-        os.waitpid(pid, 0)
         conn.close()
+        _reap()
+
+
+def _die_with_client(conn: socket.socket) -> None:
+    """The client sends nothing more: the connection ends only when the client is gone."""
+    conn.recv(1)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _reap() -> None:
+    """Collect the commands that have finished."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0]:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def client(path: str, argv: list[str]) -> int:
@@ -69,8 +93,12 @@ def client(path: str, argv: list[str]) -> int:
     socket.send_fds(conn, [b"x"], [0, 1, 2])
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
     conn.sendall((json.dumps(request) + "\n").encode())
-    reply = conn.makefile("r").readline()
-    return int(reply) if reply.strip() else 1
+    reply = conn.makefile("r")
+    command = int(reply.readline())
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _: os.kill(command, signum))
+    code = reply.readline()
+    return int(code) if code.strip() else 1
 
 
 if __name__ == "__main__":
