@@ -16,19 +16,13 @@ from bd3.cli.main import main
 from bd3.runs import Run
 from tests.conftest import tree
 
-TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32"]
+TRAIN = ["--data", "web", "--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--precision", "fp32", "--eval-batches", "2"]
 # `tiny` has dropout, so resuming must restore the RNG too
-RESUMABLE = [*TRAIN, "--model", "tiny", "--block-size", "8", "--save-every", "8", "--eval-batches", "2", "--seed", "7"]
+RESUMABLE = [*TRAIN, "--model", "tiny", "--block-size", "8", "--save-every", "8", "--seed", "7"]
 
 
 def step_losses(run: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in Run.open(run).metrics() if "loss" in r and r.get("event") is None}
-
-
-def bd3_subprocess(*args, cwd: Path, **kw) -> subprocess.Popen:
-    code = "import sys; from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"
-    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=cwd, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, **kw)
 
 
 def wait_for(predicate, timeout: float = 120.0) -> None:
@@ -45,13 +39,15 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_losses(workdir):
+def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_losses(workdir, bd3_client):
     steps = 16  # the signal must land well before the end, even on a loaded machine
     assert main(["pretrain", *RESUMABLE, "--steps", str(steps), "--out", "whole"]) == 0
     reference = step_losses(workdir / "whole")
     assert sorted(reference) == list(range(1, steps + 1))
 
-    proc = bd3_subprocess("pretrain", *RESUMABLE, "--steps", str(steps), "--out", "cut", cwd=workdir, env=os.environ)
+    # a process of its own (the fork server's client passes the signal on to it)
+    proc = subprocess.Popen([*bd3_client, "pretrain", *RESUMABLE, "--steps", str(steps), "--out", "cut"], cwd=workdir,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(lambda: (workdir / "cut" / "metrics.jsonl").exists() and len(step_losses(workdir / "cut")) >= 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -125,7 +121,7 @@ def test_nonfinite_validation_stops_naming_the_step_and_the_last_good_checkpoint
         return {**result, "nelbo": float("nan"), "ppl": float("nan")} if calls[0] == 2 else result
 
     monkeypatch.setattr(loop, "nelbo_perplexity", diverges_at_the_second)
-    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--eval-batches", "1", "--out", "div"]) == 1
+    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--out", "div"]) == 1
     err = capsys.readouterr().err
     assert "step 4" in err and "last good checkpoint" in err and "step-00000002" in err and "--lr" in err
     assert err.strip().splitlines()[-1].startswith("Error: The validation NELBO at step 4") and "Traceback" not in err
