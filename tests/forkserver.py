@@ -43,12 +43,14 @@ def serve(path: str) -> None:
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)
+    signal.signal(signal.SIGCHLD, _reap)
     print("ready", flush=True)
     while True:
         conn, _ = server.accept()
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
         request = json.loads(conn.makefile("r").readline())
         if os.fork() == 0:  # the child: become the client's command
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
             conn.sendall(f"{os.getpid()}\n".encode())
             threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
             for i, fd in enumerate(fds):
@@ -69,7 +71,6 @@ def serve(path: str) -> None:
         for fd in fds:
             os.close(fd)
         conn.close()
-        _reap()
 
 
 def _die_with_client(conn: socket.socket) -> None:
@@ -78,7 +79,7 @@ def _die_with_client(conn: socket.socket) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def _reap() -> None:
+def _reap(*_) -> None:
     """Collect the commands that have finished."""
     try:
         while os.waitpid(-1, os.WNOHANG)[0]:
