@@ -71,8 +71,9 @@ def reference_fixture() -> Path:
 @pytest.fixture(scope="session")
 def bd3_client(tmp_path_factory) -> list[str]:
     """The command line of a `bd3` that starts in milliseconds: a client of tests/forkserver.py,
-    whose server imported torch and bd3 once. It runs under the environment and in the folder
-    it is called with, and stands for the command (its exit code, SIGTERM and SIGINT)."""
+    whose server imported torch and bd3 once (followed by ``-c CODE``: ``python -c CODE``). It
+    runs under the environment and in the folder it is called with, and stands for the
+    command (its exit code, SIGTERM and SIGINT)."""
     sock = tmp_path_factory.mktemp("fork") / "bd3.sock"
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), "serve", str(sock)], env=env,

@@ -1,19 +1,19 @@
 """Run many `bd3` commands without paying Python's and torch's start-up for each.
 
-``python tests/forkserver.py serve SOCKET`` imports bd3's command line once and listens on
-the UNIX socket; ``python tests/forkserver.py SOCKET ARGS...`` (the client: standard library
+``python tests/forkserver.py serve SOCKET`` imports bd3 and torch once and listens on the
+UNIX socket; ``python tests/forkserver.py SOCKET ARGS...`` (the client: standard library
 only, so it starts at once) sends its arguments, working folder, environment and its stdin,
 stdout and stderr, and exits with the command's exit code. The server forks a child per
 command, which takes those file descriptors, folder and environment, runs
 ``bd3.cli.main.main(ARGS)`` exactly as the `bd3` console script does, and reports the code.
-The server also imports, once, what the commands import in their bodies (torch, the model,
-training, evaluation, sampling): only imports, never a tensor operation, so each child starts
-with no thread pool to inherit.
+``python tests/forkserver.py SOCKET -c CODE ARGS...`` runs CODE as ``python -c CODE ARGS...``
+would instead (a test's patch, then ``main``).
 
-Commands run concurrently (the processes of a torchrun-style launch). The client stands for
-its command: SIGTERM and SIGINT sent to it reach the command, and a client that dies, however
-it dies, takes its command with it.
-Tests that drive shell scripts of many `bd3` commands (the recipes) set ``BD3`` to the client.
+The server imports, once, what the commands import in their bodies (torch, the model,
+training, evaluation, sampling): only imports, never a tensor operation, so each child starts
+with no thread pool to inherit. Commands run concurrently (the processes of a torchrun-style
+launch). The client stands for its command: SIGTERM and SIGINT sent to it reach the command,
+and a client that dies, however it dies, takes its command with it.
 """
 
 from __future__ import annotations
@@ -25,21 +25,20 @@ import signal
 import socket
 import sys
 import threading
+import traceback
 
+BD3 = "import sys; from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"  # the `bd3` console script
 # what the commands import after parsing their options
 PRELOAD = [
-    "torch", "bd3.cli.common", "bd3.train", "bd3.evaluate.perplexity", "bd3.evaluate.zero_shot", "bd3.evaluate.gen_ppl",
-    "bd3.evaluate.variance", "bd3.evaluate.report", "bd3.sampling.generate", "bd3.sampling.text", "bd3.runs.records",
+    "torch", "bd3.cli.main", "bd3.cli.common", "bd3.train", "bd3.evaluate.perplexity", "bd3.evaluate.zero_shot",
+    "bd3.evaluate.gen_ppl", "bd3.evaluate.variance", "bd3.evaluate.report", "bd3.sampling.generate", "bd3.sampling.text",
+    "bd3.runs.records",
 ]
 
 
 def serve(path: str) -> None:
-    from bd3.cli.main import main
-
     for module in PRELOAD:  # the expensive imports, done once
         importlib.import_module(module)
-    torch = sys.modules["torch"]
-
     server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     server.bind(path)
     server.listen(16)
@@ -49,28 +48,43 @@ def serve(path: str) -> None:
         conn, _ = server.accept()
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
         request = json.loads(conn.makefile("r").readline())
-        if os.fork() == 0:  # the child: become the client's command
-            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-            conn.sendall(f"{os.getpid()}\n".encode())
-            threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
-            for i, fd in enumerate(fds):
-                os.dup2(fd, i)
-            os.chdir(request["cwd"])
-            os.environ.clear()
-            os.environ.update(request["env"])
-            if "OMP_NUM_THREADS" in os.environ:  # read at start-up by a fresh process
-                torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-            code = 1
-            try:
-                code = main(request["argv"])
-            finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                conn.sendall(f"{code}\n".encode())
-                os._exit(0)
+        if os.fork() == 0:
+            _run(conn, fds, request)
         for fd in fds:
             os.close(fd)
         conn.close()
+
+
+def _run(conn: socket.socket, fds: list[int], request: dict) -> None:
+    """The child: become the client's command, report its exit code, exit."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    conn.sendall(f"{os.getpid()}\n".encode())
+    threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+    for i, fd in enumerate(fds):
+        os.dup2(fd, i)
+    os.chdir(request["cwd"])
+    os.environ.clear()
+    os.environ.update(request["env"])
+    if "OMP_NUM_THREADS" in os.environ:  # read at start-up by a fresh process
+        sys.modules["torch"].set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    argv = request["argv"]
+    code, sys.argv = (argv[1], argv[1:]) if argv[:1] == ["-c"] else (BD3, ["-c", *argv])
+    status = 1
+    try:
+        exec(compile(code, "<string>", "exec"), {"__name__": "__main__"})
+        status = 0
+    except SystemExit as e:  # as the interpreter turns it into an exit status
+        if e.code is None or isinstance(e.code, int):
+            status = e.code or 0
+        else:
+            print(e.code, file=sys.stderr)
+    except BaseException:
+        traceback.print_exc()  # as the interpreter does with an uncaught exception
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        conn.sendall(f"{status}\n".encode())
+        os._exit(0)
 
 
 def _die_with_client(conn: socket.socket) -> None:

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -60,7 +59,7 @@ def test_sigterm_saves_and_resume_reproduces_the_uninterrupted_losses(workdir, b
     assert step_losses(workdir / "cut") == reference  # exactly, step for step
 
 
-def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(workdir):
+def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(workdir, bd3_client):
     # Make the third checkpoint write slow, then kill the process in the middle of it.
     slow = (
         "import sys, time, bd3.runs.rundir as r; orig = r.save_file; n = [0]\n"
@@ -71,7 +70,7 @@ def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(workdir):
         "from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"
     )
     args = ["pretrain", *TRAIN, "--steps", "6", "--save-every", "1", "--out", "killed"]
-    proc = subprocess.Popen([sys.executable, "-c", slow, *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([*bd3_client, "-c", slow, *args], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     ckpts = workdir / "killed" / "checkpoints"
     wait_for(lambda: ckpts.exists() and any(p.name.startswith(".tmp-step-00000003") for p in ckpts.iterdir()))
     proc.kill()
