@@ -173,7 +173,7 @@ def test_finetune_clip_search_logs_and_applies_the_minimiser(parent, tmp_path, f
     out = tmp_path / "cs"
     steps = 1 if fix else 2
     args = ["finetune", str(parent), "--block-size", "4", "--clip-search", "--steps", str(steps), "--save-every", "1", "--estimator", estimator,
-            "--batch-size", "2", *SMALL[4:], "--out", str(out)] + (["--fix-clip"] if fix else [])
+            "--batch-size", "1", *SMALL[4:], "--out", str(out)] + (["--fix-clip"] if fix else [])
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     searches = [r for r in records if r.get("event") == "clip_search"]
