@@ -4,8 +4,8 @@
 UNIX socket; ``python tests/forkserver.py SOCKET ARGS...`` (the client: standard library
 only, so it starts at once) sends its arguments, working folder, environment and its stdin,
 stdout and stderr, and exits with the command's exit code. The server forks a child per
-command, which takes those file descriptors, folder and environment, runs
-``bd3.cli.main.main(ARGS)`` exactly as the `bd3` console script does, and reports the code.
+command, which takes those file descriptors, folder and environment, runs the `bd3` console
+script's entry point (``bd3.cli.main.run``) on ARGS, and reports the exit code.
 ``python tests/forkserver.py SOCKET -c CODE ARGS...`` runs CODE as ``python -c CODE ARGS...``
 would instead (a test's patch, then ``main``).
 
@@ -27,7 +27,7 @@ import sys
 import threading
 import traceback
 
-BD3 = "import sys; from bd3.cli.main import main; sys.exit(main(sys.argv[1:]))"  # the `bd3` console script
+BD3 = "from bd3.cli.main import run; run()"  # the `bd3` console script
 # what the commands import after parsing their options
 PRELOAD = [
     "torch", "bd3.cli.main", "bd3.cli.common", "bd3.train", "bd3.evaluate.perplexity", "bd3.evaluate.zero_shot",
@@ -48,18 +48,25 @@ def serve(path: str) -> None:
         conn, _ = server.accept()
         _, fds, _, _ = socket.recv_fds(conn, 1, 3)
         request = json.loads(conn.makefile("r").readline())
-        if os.fork() == 0:
-            _run(conn, fds, request)
+        if os.fork() == 0:  # the child: become the client's command, report its exit code, exit
+            status = 1
+            try:
+                signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+                conn.sendall(f"{os.getpid()}\n".encode())
+                threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+                status = _run(fds, request)
+            finally:
+                try:
+                    conn.sendall(f"{status}\n".encode())
+                finally:
+                    os._exit(0)  # never back into the server's loop
         for fd in fds:
             os.close(fd)
         conn.close()
 
 
-def _run(conn: socket.socket, fds: list[int], request: dict) -> None:
-    """The child: become the client's command, report its exit code, exit."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    conn.sendall(f"{os.getpid()}\n".encode())
-    threading.Thread(target=_die_with_client, args=(conn,), daemon=True).start()
+def _run(fds: list[int], request: dict) -> int:
+    """Run the request as a fresh `python -c` would; its exit status."""
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
     os.chdir(request["cwd"])
@@ -80,11 +87,12 @@ def _run(conn: socket.socket, fds: list[int], request: dict) -> None:
             print(e.code, file=sys.stderr)
     except BaseException:
         traceback.print_exc()  # as the interpreter does with an uncaught exception
-    finally:
+    try:
         sys.stdout.flush()
         sys.stderr.flush()
-        conn.sendall(f"{status}\n".encode())
-        os._exit(0)
+    except (OSError, ValueError):
+        status = 120  # as the interpreter, when it cannot flush its streams at exit
+    return status
 
 
 def _die_with_client(conn: socket.socket) -> None:
@@ -109,9 +117,11 @@ def client(path: str, argv: list[str]) -> int:
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
     conn.sendall((json.dumps(request) + "\n").encode())
     reply = conn.makefile("r")
-    command = int(reply.readline())
+    command = reply.readline()
+    if not command.strip():
+        return 1  # the command died before it started
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda signum, _: os.kill(command, signum))
+        signal.signal(signum, lambda signum, _: os.kill(int(command), signum))
     code = reply.readline()
     return int(code) if code.strip() else 1
 
