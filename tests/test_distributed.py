@@ -101,7 +101,8 @@ def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir, bd3_clien
 
     # DDP: two processes of 2 rows; rank 0 alone writes the run (and logs to TensorBoard, where installed)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    launch(bd3_client, ["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp", *(["--logger", "tensorboard"] if tensorboard else [])], workdir)
+    logger = ["--logger", "tensorboard"] if tensorboard else []
+    launch(bd3_client, ["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp", *logger], workdir)
     assert_same_steps(metrics(workdir / "ddp"), one, [1, 2])
     if tensorboard:
         assert len(list((workdir / "ddp" / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
