@@ -26,8 +26,9 @@ pytestmark = pytest.mark.skipif(shutil.which("bash") is None or not hasattr(os, 
 
 def run_ladder(out: Path, bd3: list[str]) -> subprocess.CompletedProcess:
     """The ladder with BD3 the fork server's client (tests/conftest.py), so each of its ~35
-    commands starts in milliseconds instead of re-importing torch."""
-    env = {**os.environ, **TOY, "OUT": str(out), "BD3": " ".join(bd3), "BD3_CACHE_DIR": str(out.parent / "cache"), "OMP_NUM_THREADS": "1"}
+    commands starts in milliseconds instead of re-importing torch; token shards in the test
+    session's cache (conftest's BD3_CACHE_DIR)."""
+    env = {**os.environ, **TOY, "OUT": str(out), "BD3": " ".join(bd3), "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(LADDER)], env=env, capture_output=True, text=True, timeout=600)
 
 
