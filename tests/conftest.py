@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +14,8 @@ import torch
 from bd3.config import ModelConfig
 from bd3.model import DiT
 
-REFERENCE_FIXTURE = Path(__file__).resolve().parent / "fixtures" / "bd3lms-reference"
+ROOT = Path(__file__).resolve().parents[1]
+REFERENCE_FIXTURE = ROOT / "tests" / "fixtures" / "bd3lms-reference"
 
 
 @pytest.fixture
@@ -34,10 +37,14 @@ def randomize(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
 def tree(root: Path) -> dict[str, str]:
     """Every file and folder under ``root`` with a checksum of its bytes: equal trees hold
     equal files (what a refused command must leave)."""
-    return {
-        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
-        for p in sorted(Path(root).rglob("*"))
-    }
+    return {str(p.relative_to(root)): _sha256(p) if p.is_file() else "dir" for p in sorted(Path(root).rglob("*"))}
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        if hasattr(hashlib, "file_digest"):  # Python 3.11: hashes from a buffer, without a copy of the file in memory
+            return hashlib.file_digest(f, "sha256").hexdigest()
+        return hashlib.sha256(f.read()).hexdigest()
 
 
 @pytest.fixture
@@ -89,3 +96,19 @@ def sedd_samples(model, **kw):
     from bd3.sampling.sedd import sample_sedd
 
     return sample_sedd(ModelDenoiser(model, attention="full", kv_cache=False), **kw)
+
+
+@pytest.fixture(scope="session")
+def bd3_client(tmp_path_factory) -> list[str]:
+    """The command line of a `bd3` that starts in milliseconds: a client of tests/forkserver.py,
+    whose server imported torch and bd3 once (followed by ``-c CODE``: ``python -c CODE``). It
+    runs under the environment and in the folder it is called with, and stands for the
+    command (its exit code, SIGTERM and SIGINT)."""
+    sock = tmp_path_factory.mktemp("fork") / "bd3.sock"
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), "serve", str(sock)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    assert server.stdout.readline().strip() == "ready"
+    yield [sys.executable, str(ROOT / "tests" / "forkserver.py"), str(sock)]
+    server.kill()
+    server.wait()

@@ -12,7 +12,7 @@ from bd3.cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = ["tokenize", "pretrain", "finetune", "eval", "sample", "variance", "import", "export", "report"]
-SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu"]
+SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--eval-batches", "2"]
 
 
 def bd3(*args, capsys=None) -> tuple[int, str, str]:
@@ -68,7 +68,8 @@ def test_flow_as_users_type_it(workdir, capsys):
     rows = [json.loads(line) for line in out.splitlines()]
     assert code == 0 and len(rows) == 2 and all(len(r["tokens"]) == 16 and r["nfe"] == 15 for r in rows)
 
-    code, out, err = bd3("finetune", "--block-size", 4, "--clip", "0.45,0.95", "--steps", 2, "--log-every", 1, "--device", "cpu", capsys=capsys)
+    code, out, err = bd3("finetune", "--block-size", 4, "--clip", "0.45,0.95", "--steps", 2, "--log-every", 1, "--device", "cpu",
+                         "--eval-batches", 2, capsys=capsys)
     assert code == 0, err
     child = max((workdir / "runs").iterdir(), key=lambda p: (p / "config.json").stat().st_mtime)
     cfg = json.loads((child / "config.json").read_text())

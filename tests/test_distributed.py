@@ -7,7 +7,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -59,8 +58,9 @@ def assert_same_checkpoint(a: dict, b: dict) -> None:
         assert torch.allclose(v.float(), b[k].float(), rtol=1e-3, atol=5e-4), k
 
 
-def launch(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 120.0) -> None:
-    """What `torchrun --nproc-per-node N -m bd3 ...` does: N processes with its environment."""
+def launch(bd3: list[str], args: list[str], cwd: Path, nproc: int = 2, timeout: float = 120.0) -> None:
+    """What `torchrun --nproc-per-node N -m bd3 ...` does: N processes of the ``bd3`` command
+    line (the fork server's client) with its environment."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -70,7 +70,7 @@ def launch(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 120.0) -
             **os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc),
             "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "OMP_NUM_THREADS": "1",
         }
-        procs.append(subprocess.Popen([sys.executable, "-m", "bd3", *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        procs.append(subprocess.Popen([*bd3, *args], cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     end = time.monotonic() + timeout
     try:
         while any(p.poll() is None for p in procs):
@@ -80,7 +80,7 @@ def launch(args: list[str], cwd: Path, nproc: int = 2, timeout: float = 120.0) -
     finally:
         for p in procs:
             if p.poll() is None:
-                p.kill()
+                p.kill()  # and its command with it
     errors = [f"rank {r}: exit {p.returncode}\n{p.communicate()[1]}" for r, p in enumerate(procs) if p.wait() != 0]
     assert not errors, "\n".join(errors)
 
@@ -91,7 +91,7 @@ def workdir(tmp_path, monkeypatch):
     return tmp_path
 
 
-def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir):
+def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir, bd3_client):
     # one process, one batch of 4 (the plain loop); checkpoints at steps 2 and 3
     assert main(["pretrain", *TRAIN, "--batch-size", "4", "--steps", "3", "--save-every", "2", "--out", "one"]) == 0
     one = metrics(workdir / "one")
@@ -101,7 +101,8 @@ def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir):
 
     # DDP: two processes of 2 rows; rank 0 alone writes the run (and logs to TensorBoard, where installed)
     tensorboard = importlib.util.find_spec("tensorboard") is not None
-    launch(["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp", *(["--logger", "tensorboard"] if tensorboard else [])], workdir)
+    logger = ["--logger", "tensorboard"] if tensorboard else []
+    launch(bd3_client, ["pretrain", *TRAIN, "--batch-size", "2", "--steps", "2", "--out", "ddp", *logger], workdir)
     assert_same_steps(metrics(workdir / "ddp"), one, [1, 2])
     if tensorboard:
         assert len(list((workdir / "ddp" / "tb").glob("events.out.tfevents.*"))) == 1  # one writer: rank 0
@@ -115,7 +116,7 @@ def test_two_processes_give_the_losses_and_checkpoints_of_one(workdir):
     # gathered back into a step-3 checkpoint that matches the one-process run's
     shutil.copytree(workdir / "one", workdir / "fsdp")
     shutil.rmtree(workdir / "fsdp" / "checkpoints" / "step-00000003")
-    launch(["pretrain", "--resume", "--out", "fsdp", "--steps", "3", "--fsdp"], workdir)
+    launch(bd3_client, ["pretrain", "--resume", "--out", "fsdp", "--steps", "3", "--fsdp"], workdir)
     assert_same_steps(metrics(workdir / "fsdp"), one, [1, 2, 3])
     assert_same_checkpoint(checkpoint(workdir / "one", 3), checkpoint(workdir / "fsdp", 3))
 

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -25,22 +24,11 @@ TOY = {  # every step of the ladder, a few steps and batches each; one block siz
 pytestmark = pytest.mark.skipif(shutil.which("bash") is None or not hasattr(os, "fork"), reason="needs bash and fork")
 
 
-@pytest.fixture(scope="module")
-def bd3_command(tmp_path_factory):
-    """BD3 for the recipes: a client of tests/forkserver.py, so each of the ladder's ~35
-    commands starts in milliseconds instead of re-importing torch."""
-    sock = tmp_path_factory.mktemp("fork") / "bd3.sock"
-    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", "OMP_NUM_THREADS": "1"}
-    server = subprocess.Popen([sys.executable, str(ROOT / "tests" / "forkserver.py"), "serve", str(sock)], env=env,
-                              stdout=subprocess.PIPE, text=True)
-    assert server.stdout.readline().strip() == "ready"
-    yield f"{sys.executable} {ROOT / 'tests' / 'forkserver.py'} {sock}"
-    server.kill()
-    server.wait()
-
-
-def run_ladder(out: Path, bd3: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, **TOY, "OUT": str(out), "BD3": bd3, "BD3_CACHE_DIR": str(out.parent / "cache")}
+def run_ladder(out: Path, bd3: list[str]) -> subprocess.CompletedProcess:
+    """The ladder with BD3 the fork server's client (tests/conftest.py), so each of its ~35
+    commands starts in milliseconds instead of re-importing torch; token shards in the test
+    session's cache (conftest's BD3_CACHE_DIR)."""
+    env = {**os.environ, **TOY, "OUT": str(out), "BD3": " ".join(bd3), "OMP_NUM_THREADS": "1"}
     return subprocess.run(["bash", str(LADDER)], env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -57,9 +45,9 @@ class _Page(HTMLParser):
             self.images.append(dict(attrs)["src"])
 
 
-def test_paper_ladder_toy_end_to_end(tmp_path, bd3_command):
+def test_paper_ladder_toy_end_to_end(tmp_path, bd3_client):
     out = tmp_path / "ladder"
-    first = run_ladder(out, bd3_command)
+    first = run_ladder(out, bd3_client)
     assert first.returncode == 0, first.stderr[-3000:]
     runs = out / "runs"
     assert sorted(p.name for p in runs.iterdir()) == sorted([*FINAL, "base"])
@@ -75,7 +63,7 @@ def test_paper_ladder_toy_end_to_end(tmp_path, bd3_command):
 
     # a second call finds everything done: nothing trained or evaluated again
     records_before = sorted(p.name for p in runs.glob("*/eval/*.json"))
-    second = run_ladder(out, bd3_command)
+    second = run_ladder(out, bd3_client)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stderr.count("trained, skipped") == len(FINAL) + 1
     assert "validation perplexity" not in second.stderr and sorted(p.name for p in runs.glob("*/eval/*.json")) == records_before

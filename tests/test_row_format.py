@@ -9,7 +9,7 @@ from bd3.config import DataConfig, RunConfig
 from bd3.data.tokenizer import load_tokenizer
 from bd3.sampling.text import render, sample_documents
 
-SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--model", "nano"]
+SMALL = ["--length", "32", "--batch-size", "4", "--log-every", "1", "--device", "cpu", "--model", "nano", "--eval-batches", "1"]
 
 
 def bd3(capsys, *args) -> tuple[int, str, str]:
@@ -51,12 +51,19 @@ def test_raw_run_records_its_format_and_samples_from_eos(tmp_path, monkeypatch, 
     assert json.loads(out)["tokens"] == 4 * 31  # every position but the given first
 
 
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Shards tokenized with `--wrap special` (the default)."""
+    out = tmp_path_factory.mktemp("wrap") / "shards"
+    assert main(["tokenize", "--data", "devil", "--tokenizer", "gpt2", "--length", "32", "--out", str(out)]) == 0
+    return out
+
+
 @pytest.mark.parametrize("args,code,needle", [
     (["tokenize", "--wrap", "lm1b"], 2, "--wrap"),
-    (["pretrain", "--data", "shards", "--wrap", "raw", "--steps", "1"], 1, "--wrap raw"),
+    (["pretrain", "--data", "{shards}", "--wrap", "raw", "--steps", "1"], 1, "--wrap raw"),
 ])
-def test_wrap_errors(tmp_path, monkeypatch, capsys, args, code, needle) -> None:
+def test_wrap_errors(shards, tmp_path, monkeypatch, capsys, args, code, needle) -> None:
     monkeypatch.chdir(tmp_path)
-    assert bd3(capsys, "tokenize", "--data", "devil", "--tokenizer", "gpt2", "--length", 32, "--out", "shards")[0] == 0
-    got, _, err = bd3(capsys, *args)
+    got, _, err = bd3(capsys, *[a.replace("{shards}", str(shards)) for a in args])
     assert got == code and needle in err and len(err.strip().splitlines()) == 1

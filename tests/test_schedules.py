@@ -170,21 +170,25 @@ def test_finetune_with_clip_and_schedule_records_them(parent, tmp_path):
 
 @pytest.mark.parametrize("fix,estimator", [(False, "k"), (True, "t")])
 def test_finetune_clip_search_logs_and_applies_the_minimiser(parent, tmp_path, fix, estimator):
-    """The search minimises the variance of the run's own training estimator."""
+    """The search minimises the variance of the run's own training estimator. Applied, the
+    next step trains with the minimiser (two searches); fixed, the interval stays (one)."""
     out = tmp_path / "cs"
-    args = ["finetune", str(parent), "--block-size", "4", "--clip-search", "--steps", "2", "--save-every", "1", "--estimator", estimator,
-            *SMALL[4:], "--out", str(out)] + (["--fix-clip"] if fix else [])
+    steps = 1 if fix else 2
+    args = ["finetune", str(parent), "--block-size", "4", "--clip-search", "--steps", str(steps), "--save-every", "1", "--estimator", estimator,
+            "--batch-size", "1", *SMALL[4:], "--out", str(out)] + (["--fix-clip"] if fix else [])
     assert main(args) == 0
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     searches = [r for r in records if r.get("event") == "clip_search"]
-    assert [r["step"] for r in searches] == [1, 2]
+    assert [r["step"] for r in searches] == list(range(1, steps + 1))
     first = searches[0]
     assert len(first["scores"]) == len(clip_grid()) and first["estimator"] == estimator
     best = min(first["scores"], key=lambda r: r["var_paper" if estimator == "t" else "var_paper_k"])
-    assert first["best"] == [best["beta"], best["omega"]]
+    assert first["best"] == [best["beta"], best["omega"]] and first["applied"] is not fix
     clip = json.loads((out / "config.json").read_text())["diffusion"]["clip"]
-    assert clip == ([0.001, 1.0] if fix else searches[-1]["best"])
-    assert searches[1]["clip"] == (first["clip"] if fix else first["best"])
+    if fix:
+        assert clip == first["clip"] == [0.001, 1.0]
+    else:
+        assert clip == searches[-1]["best"] and searches[1]["clip"] == first["best"]
 
 
 def test_variance_command_compares_schedules(parent, capsys):
