@@ -210,6 +210,7 @@ def evaluate(
     r = open_run(run)
     cfg = _evaluated_as(r.config, block_size, schedule or "linear")
     d = cfg.diffusion
+    requested = estimator
     try:
         estimator = resolve_estimator(d.algo, d.block_size, estimator)
     except Bd3Error as e:
@@ -218,8 +219,10 @@ def evaluate(
     if schedule is not None and estimator != "t":
         raise typer.BadParameter(f"the {estimator} estimator does not depend on the noise schedule; --schedule applies to --estimator t.",
                                  param_hint="--schedule")
-    if estimator == "exact" and passes != "1" and d.algo != "ar":
-        raise typer.BadParameter("--estimator exact is deterministic: one pass gives the exact value.", param_hint="--passes")
+    if estimator == "exact":  # deterministic: one pass is the value (AR runs, block size 1, or asked for)
+        if requested == "exact" and passes != "1" and d.algo != "ar":
+            raise typer.BadParameter("--estimator exact is deterministic: one pass gives the exact value.", param_hint="--passes")
+        passes = "1"
     use_threads(threads)
     if names:
         run_tokenizer(r)
