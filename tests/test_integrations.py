@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from bd3.cli.main import main
 from bd3.diffusion.masks import block_causal_mask
-from bd3.diffusion.objective import denoiser_hidden
+from bd3.diffusion.objective import xt_logits
 from bd3.model import DiT
 from bd3.runs import Run
 from bd3.train.loggers import Loggers, scalars
@@ -234,8 +234,7 @@ def test_exported_run_loads_in_transformers_offline_with_bd3s_logits(random_run,
     x0 = torch.randint(0, cfg.data.vocab_size - 1, (3, L), generator=g)
     xt = torch.where(torch.rand(3, L, generator=g) < 0.5, cfg.data.mask_id, x0)
     with torch.no_grad():
-        h, c = denoiser_hidden(ours, xt, x0, cfg.diffusion)
-        torch.testing.assert_close(model(torch.cat([xt, x0], dim=1)), ours.logits(h, c), atol=1e-5, rtol=0)
+        torch.testing.assert_close(model(torch.cat([xt, x0], dim=1)), xt_logits(ours, xt, x0, cfg.diffusion), atol=1e-5, rtol=0)
         causal = ours(x0[:, :20], attn_mask=block_causal_mask(20, bs))
         torch.testing.assert_close(model(x0[:, :20], sample_mode=True), causal, atol=1e-5, rtol=0)
         assert model(x0[:, :20], sample_mode=True, return_dict=True).logits.shape == causal.shape

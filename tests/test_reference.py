@@ -16,7 +16,7 @@ from tokenizers.models import WordLevel
 from bd3.cli.main import main
 from bd3.config import DiffusionConfig
 from bd3.diffusion.masks import block_causal_mask
-from bd3.diffusion.objective import Noise, denoiser_hidden, nelbo
+from bd3.diffusion.objective import Noise, nelbo, xt_logits
 from bd3.diffusion.schedules import get_schedule
 from bd3.errors import Bd3Error
 from bd3.runs.hf import import_checkpoint
@@ -57,8 +57,7 @@ def test_reference_parity(reference_fixture, imported):
     cfg = run.config.diffusion
 
     with torch.no_grad():
-        h, c = denoiser_hidden(model, xt, x0, cfg)
-        logits = model.logits(h, c)
+        logits = xt_logits(model, xt, x0, cfg)
         torch.testing.assert_close(logits, expected["train_logits"], atol=ATOL, rtol=0)
         torch.testing.assert_close(subs_log_probs(logits, xt, mask_id), expected["train_log_probs"], atol=ATOL, rtol=0)
         schedule, t = get_schedule(cfg.schedule), t.double()  # the reference's per-token times
@@ -78,8 +77,7 @@ def test_reference_parity(reference_fixture, imported):
         cached = model(block, positions=start, kv_cache=cache)
         torch.testing.assert_close(cached, expected["sample_logits_cache"], atol=ATOL, rtol=0)
 
-        h, c = denoiser_hidden(model, xt, x0, DiffusionConfig(algo="mdlm", block_size=L))
-        torch.testing.assert_close(model.logits(h, c), expected["mdlm_logits"], atol=ATOL, rtol=0)
+        torch.testing.assert_close(xt_logits(model, xt, x0, DiffusionConfig(algo="mdlm", block_size=L)), expected["mdlm_logits"], atol=ATOL, rtol=0)
 
 
 def test_import_records_clip_and_export_round_trips_bit_for_bit(reference_fixture, imported, tmp_path):

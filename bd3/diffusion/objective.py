@@ -160,11 +160,13 @@ def denoiser_input(xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig) -> 
     return torch.cat([xt, x0], dim=1), dict(positions=positions, attn_mask=Mask.block_diff(L, cfg.block_size))
 
 
-def denoiser_hidden(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig):
-    """Hidden states of the x_t positions and the conditioning (the exported modeling
-    file's layout, bd3.runs.hf)."""
+def xt_logits(model, xt: torch.Tensor, x0: torch.Tensor, cfg: DiffusionConfig) -> torch.Tensor:
+    """(B, L, V) the denoiser's logits at the x_t positions (the exported modeling file's
+    output, bd3.runs.hf)."""
     tokens, kw = denoiser_input(xt, x0, cfg)
-    return model.hidden_states(tokens, first=x0.shape[1], **kw)
+    B, L = xt.shape
+    every = torch.ones(B, L, dtype=torch.bool, device=xt.device)
+    return model(tokens, select=every, **kw).view(B, L, -1)
 
 
 def noised_positions(x0: torch.Tensor, noise: Noise, mask_id: int) -> torch.Tensor:

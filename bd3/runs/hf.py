@@ -28,7 +28,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from bd3.config import DataConfig, DiffusionConfig, ModelConfig, RunConfig, TrainConfig
 from bd3.data.tokenizer import Tokenizer, load_tokenizer
 from bd3.diffusion.masks import block_causal_mask
-from bd3.diffusion.objective import denoiser_hidden
+from bd3.diffusion.objective import xt_logits
 from bd3.errors import Bd3Error, cannot_write
 from bd3.model import DiT
 from bd3.runs.rundir import Run, load_strict, load_tensors
@@ -109,8 +109,7 @@ def layout_logits(model: DiT, input_ids: torch.Tensor, block_size: int, *, sampl
     every position (B, S, V) under the block-causal mask."""
     L, S = model.cfg.length, input_ids.shape[1]
     if S == 2 * L and not sample_mode:
-        h, c = denoiser_hidden(model, input_ids[:, :L], input_ids[:, L:], DiffusionConfig(block_size=block_size))
-        return model.logits(h, c)
+        return xt_logits(model, input_ids[:, :L], input_ids[:, L:], DiffusionConfig(block_size=block_size))
     if S > L:
         raise ValueError(f"expected 2L = {2 * L} ids ([x_t ; x_0]) or at most L = {L} ids, got {S}")
     return model(input_ids, attn_mask=block_causal_mask(S, block_size, str(input_ids.device)))
