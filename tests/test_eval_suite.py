@@ -24,6 +24,7 @@ from bd3.data.tokenizer import load_tokenizer
 from bd3.diffusion.objective import diffusion_loss
 from bd3.errors import Bd3Error
 from bd3.evaluate import gen_ppl as gp
+from bd3.evaluate.intervals import mean_interval, t_quantile_975
 from bd3.evaluate.perplexity import nelbo_perplexity
 from bd3.model import DiT
 from bd3.runs.load import shards_for
@@ -133,6 +134,14 @@ DOCS = [
 ]
 
 
+def test_the_interval_of_a_mean_covers_it_at_its_level():
+    rng = np.random.default_rng(0)
+    draws = rng.lognormal(0.0, 0.5, size=(400, 16))  # skewed, like per-sample perplexities; mean exp(0.125)
+    covered = [lo <= math.exp(0.125) <= hi for lo, hi in (mean_interval(d)["ci95"] for d in draws)]
+    assert 0.90 <= np.mean(covered) <= 0.99
+    assert mean_interval([3.0]) == {"mean": 3.0, "se": None, "ci95": None}
+
+
 def test_gen_ppl_on_a_tiny_judge_equals_a_direct_computation(tiny_cfg):
     tok = load_tokenizer("bpe")
     model = randomize(DiT(replace(tiny_cfg, causal=True), tok.vocab_size))  # context 16: windows of 16, stride 8
@@ -146,6 +155,8 @@ def test_gen_ppl_on_a_tiny_judge_equals_a_direct_computation(tiny_cfg):
         counts = np.array(list(Counter(ids).values()), dtype=float)
         assert got["entropy"] == pytest.approx(-(counts / counts.sum() * np.log(counts / counts.sum())).sum(), rel=1e-9)
     assert res["gen_ppl"] == pytest.approx(np.mean(ppls), rel=1e-5)
+    half = t_quantile_975(len(ppls) - 1) * np.std(ppls, ddof=1) / math.sqrt(len(ppls))
+    assert res["gen_ppl_ci95"] == pytest.approx([np.mean(ppls) - half, np.mean(ppls) + half], rel=1e-5)
     pooled = math.exp(sum(sum(n) for n, _ in per) / sum(len(n) for n, _ in per))
     assert res["gen_ppl_pooled"] == pytest.approx(pooled, rel=1e-5) and res["gen_ppl_pooled"] != pytest.approx(res["gen_ppl"])
     assert res["nfe_per_token"] == pytest.approx(33 / 60)

@@ -7,6 +7,7 @@ import math
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from bd3.cli.main import main
@@ -58,7 +59,7 @@ def test_intervals_from_records_and_fallbacks(tmp_path):
     untested = make_run(tmp_path / "untested", parent=str(tmp_path / "passes"))
     rows = {r["name"]: r for r in report_mod.collect([with_ci, passes, exact, untested])["runs"]}
     assert rows["with-ci"]["ppl_ci95"] == [19.0, 21.5] and rows["with-ci"]["estimator"] == "k"
-    half = 3.182 * 0.1 / 2  # Student t, 3 degrees of freedom, over sqrt(4) passes
+    half = 3.1824 * 0.1 / 2  # Student t, 3 degrees of freedom, over sqrt(4) passes
     assert rows["passes"]["ppl_ci95"] == pytest.approx([math.exp(3.0 - half), math.exp(3.0 + half)])
     assert rows["ar"]["ppl_ci95"] == [math.exp(2.5)] * 2 and rows["ar"]["ppl_label"] == f"{math.exp(2.5):.4g}"
     assert rows["untested"]["ppl_ci95"] is None and rows["untested"]["ppl_source"] == "training validation"
@@ -70,12 +71,16 @@ def test_report_files_without_matplotlib(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(report_mod, "has_matplotlib", lambda: False)
     run = make_run(tmp_path / "runs" / "bs4")
     save_eval_record(run, "zero-shot", {"zero_shot": [{"set": "devil", "ppl": 90.0, "nelbo": math.log(90.0)}]})
-    save_eval_record(run, "gen-ppl", {"gen_ppl": 120.0, "nfe_per_token": 0.5, "entropy": 5.1, "samples": 4})
+    per_sample = [{"ppl": p} for p in (100.0, 110.0, 130.0, 140.0)]  # no gen_ppl_ci95: the report derives it
+    save_eval_record(run, "gen-ppl", {"gen_ppl": 120.0, "nfe_per_token": 0.5, "entropy": 5.1, "samples": 4, "per_sample": per_sample})
     code, out, err = bd3(capsys, "report", run, "--out", tmp_path / "rep")
     assert code == 0, err
     assert "bs4" in out and "devil 90" in out and "pip install 'bd3[plot]'" in err
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["figures"] == {} and report["runs"][0]["gen_ppl"] == 120.0
+    half = 3.1824 * np.std([100, 110, 130, 140], ddof=1) / 2  # Student t, 3 degrees of freedom, over sqrt(4) samples
+    assert report["runs"][0]["gen_ppl_ci95"] == pytest.approx([120 - half, 120 + half], rel=1e-4)
+    assert report["runs"][0]["gen_ppl_label"] == "120 (90.95-149.1)"
     assert "pip install" in (tmp_path / "rep" / "report.html").read_text() and not list((tmp_path / "rep").glob("*.png"))
     assert "| bs4 | bd3lm | 4 |" in (tmp_path / "rep" / "report.md").read_text()
     code, _, err = bd3(capsys, "report", run, "--out", tmp_path / "rep")  # an earlier report is kept

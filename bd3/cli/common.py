@@ -47,4 +47,6 @@ def stdout_writes():
 def _fmt(v) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
+    if isinstance(v, list) and len(v) == 2 and all(isinstance(x, float) for x in v):  # an interval
+        return f"{v[0]:.4g}-{v[1]:.4g}"
     return "" if v is None else str(v)

@@ -425,7 +425,8 @@ def variance(
 
 GEN_PPL_ROWS = (
     ("samples", "samples"), ("tokens", "tokens scored"), ("gen_ppl", "gen PPL (mean of per-sample)"),
-    ("gen_ppl_pooled", "gen PPL (token-pooled)"), ("entropy", "unigram entropy (nats, mean)"),
+    ("gen_ppl_ci95", "gen PPL 95 % interval (over samples)"), ("gen_ppl_pooled", "gen PPL (token-pooled)"),
+    ("entropy", "unigram entropy (nats, mean)"),
     ("nfe_per_token", "model calls / token"), ("length_median", "median length (judge tokens)"), ("length_max", "max length"),
 )
 

@@ -9,7 +9,9 @@ W / 2; each window scores only the targets the windows before it did not reach (
 reference's 1024 / 512 for GPT-2).
 
 Reported, as :func:`generative_perplexity` returns them: the arithmetic mean of the
-per-sample perplexities (the paper's number), the token-pooled perplexity, the mean
+per-sample perplexities (the paper's number) with its standard error and 95 % interval over
+the samples (another set of samples from the same model would land in it), the token-pooled
+perplexity, the mean
 per-sample unigram entropy (nats) of the scored tokens, model calls per generated token,
 and the median and largest number of scored tokens per sample.
 
@@ -35,6 +37,7 @@ import torch
 
 from bd3.data.sources import HUB_HOST, hub_reachable
 from bd3.errors import Bd3Error
+from bd3.evaluate.intervals import mean_interval
 from bd3.runtime import autocast
 from bd3.sampling.types import unigram_entropy
 from bd3.sampling.text import render, sample_documents
@@ -139,10 +142,13 @@ def summarize(scores: list[dict]) -> dict:
     tokens = sum(s["tokens"] for s in scored)
     lengths = [s["tokens"] for s in scores]
     known = all(s["nfe"] is not None and s["new_tokens"] for s in scores)
+    ppl = mean_interval([s["ppl"] for s in scored])
     return {
         "samples": len(scores),
         "tokens": tokens,
-        "gen_ppl": float(np.mean([s["ppl"] for s in scored])),
+        "gen_ppl": ppl["mean"],
+        "gen_ppl_se": ppl["se"],
+        "gen_ppl_ci95": ppl["ci95"],
         "gen_ppl_pooled": math.exp(sum(s["nll_sum"] for s in scored) / tokens),
         "entropy": float(np.mean([s["entropy"] for s in scores])),
         "nfe_per_token": sum(s["nfe"] for s in scores) / sum(s["new_tokens"] for s in scores) if known else None,

@@ -57,3 +57,15 @@ def nelbo_interval(row_sums: np.ndarray, counts: np.ndarray, deterministic: bool
     half = (Z_975 if dof == math.inf else t_quantile_975(int(dof))) * float(se)
     low, high = nelbo - half, nelbo + half
     return {"nelbo": nelbo, "nelbo_se": se, "nelbo_ci95": [low, high], "ppl_ci95": [math.exp(low), math.exp(high)]}
+
+
+def mean_interval(values) -> dict:
+    """The mean of independent draws ``values`` with its standard error and 95 % interval
+    (Student t, n - 1 degrees of freedom); fewer than two draws give no interval."""
+    x = np.asarray(values, dtype=np.float64)
+    mean = float(x.mean())
+    if x.size < 2:
+        return {"mean": mean, "se": None, "ci95": None}
+    se = float(x.std(ddof=1) / math.sqrt(x.size))
+    half = t_quantile_975(x.size - 1) * se
+    return {"mean": mean, "se": se, "ci95": [mean - half, mean + half]}

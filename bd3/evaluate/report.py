@@ -7,7 +7,9 @@ of each kind. The perplexity is the newest ``ppl`` record on the validation spli
 run's own block size, with its 95 % interval: ``ppl_ci95`` where the record carries it,
 else one derived from the spread of its Monte-Carlo passes (Student t, ``passes - 1``
 degrees of freedom), else none; without a record, the run's last validation during
-training (no interval). Exact likelihoods (AR) have a zero-width interval.
+training (no interval). Exact likelihoods (AR) have a zero-width interval. The generative
+perplexity carries its 95 % interval over the samples (computed from the record's per-sample
+perplexities where the record predates ``gen_ppl_ci95``).
 
 :func:`collect` builds the report (a JSON-ready dict); :func:`write_report` writes
 ``report.md``, ``report.json``, ``report.html`` (one self-contained page, figures inlined as
@@ -24,6 +26,7 @@ from pathlib import Path
 
 from bd3.config import RunConfig
 from bd3.errors import Bd3Error
+from bd3.evaluate.intervals import mean_interval, t_quantile_975
 from bd3.runs.records import eval_records
 
 REPORT_FILES = ("report.md", "report.json", "report.html")
@@ -34,15 +37,11 @@ FIGURES = {
     "gen_ppl": "Generative perplexity against model calls per token",
 }
 PLOT_HINT = "Figures need matplotlib: pip install 'bd3[plot]' (or pip install matplotlib)."
-# Student t quantiles t_{0.975, df} for the interval from a few passes; 1.96 beyond.
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         15: 2.131, 20: 2.086, 30: 2.042}
-
 # The table: (key in a run's summary, header)
 COLUMNS = (
     ("name", "run"), ("algo", "algo"), ("block_size", "L'"), ("clip_label", "clip"), ("steps", "steps"),
     ("tokens_total", "tokens seen"), ("ppl_label", "valid PPL (95 % CI)"), ("zero_shot_label", "zero-shot PPL"),
-    ("gen_ppl", "gen PPL"), ("nfe_per_token", "NFE / token"), ("wall_time", "wall time"),
+    ("gen_ppl_label", "gen PPL (95 % CI)"), ("nfe_per_token", "NFE / token"), ("wall_time", "wall time"),
 )
 
 
@@ -150,15 +149,10 @@ def _interval(rec: dict, bound: bool) -> list[float] | None:
         half = 1.96 * rec["nelbo_se"]
     elif rec.get("passes", 1) > 1 and rec.get("nelbo_std") is not None:
         df = rec["passes"] - 1
-        half = _t975(df) * rec["nelbo_std"] / math.sqrt(rec["passes"])
+        half = t_quantile_975(df) * rec["nelbo_std"] / math.sqrt(rec["passes"])
     else:
         return None
     return [math.exp(nelbo - half), math.exp(nelbo + half)]
-
-
-def _t975(df: int) -> float:
-    known = [k for k in _T975 if k <= df]
-    return _T975[max(known)] if df <= 30 else 1.96
 
 
 def _zero_shot(path: Path) -> dict:
@@ -173,9 +167,14 @@ def _zero_shot(path: Path) -> dict:
 def _gen_ppl(path: Path) -> dict:
     records = eval_records(path, "gen-ppl")
     if not records:
-        return {"gen_ppl": None, "nfe_per_token": None}
+        return {"gen_ppl": None, "gen_ppl_ci95": None, "gen_ppl_label": "", "nfe_per_token": None}
     rec = records[-1]
-    return {"gen_ppl": rec.get("gen_ppl"), "nfe_per_token": rec.get("nfe_per_token"), "gen_entropy": rec.get("entropy"),
+    ci = rec.get("gen_ppl_ci95")
+    if ci is None and rec.get("per_sample"):  # a record without the interval: from its samples
+        ci = mean_interval([s["ppl"] for s in rec["per_sample"] if s.get("ppl") is not None])["ci95"]
+    label = _ppl_label(rec["gen_ppl"], ci, bound=False) if rec.get("gen_ppl") is not None else ""
+    return {"gen_ppl": rec.get("gen_ppl"), "gen_ppl_ci95": ci, "gen_ppl_label": label,
+            "nfe_per_token": rec.get("nfe_per_token"), "gen_entropy": rec.get("entropy"),
             "gen_samples": rec.get("samples"), "judge": rec.get("judge")}
 
 
@@ -369,7 +368,9 @@ def _plot_block_size(ax, runs) -> bool:
 def _plot_gen_ppl(ax, runs) -> bool:
     rows = [r for r in runs if r["gen_ppl"] is not None and r["nfe_per_token"] is not None]
     for i, r in enumerate(rows):
-        ax.scatter([r["nfe_per_token"]], [r["gen_ppl"]], color=f"C{i % 10}", label=r["name"])
-    ax.set(xlabel="model calls per generated token (NFE / token)", ylabel="generative perplexity")
+        ci = r["gen_ppl_ci95"] or [r["gen_ppl"], r["gen_ppl"]]
+        ax.errorbar([r["nfe_per_token"]], [r["gen_ppl"]], yerr=[[r["gen_ppl"] - ci[0]], [ci[1] - r["gen_ppl"]]], fmt="o",
+                    capsize=3, color=f"C{i % 10}", label=r["name"])
+    ax.set(xlabel="model calls per generated token (NFE / token)", ylabel="generative perplexity (95 % interval)")
     ax.legend(fontsize=7)
     return bool(rows)
