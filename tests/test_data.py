@@ -6,6 +6,7 @@ import gzip
 import json
 import math
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -238,13 +239,10 @@ def test_offline_hub_error_is_fast(monkeypatch: pytest.MonkeyPatch) -> None:
     def no_dns(*args: object, **kwargs: object) -> None:
         raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
 
-    def must_not_load(*args: object, **kwargs: object) -> None:
-        raise AssertionError("datasets must not be touched when the hub is unreachable")
-
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
     monkeypatch.setattr(socket, "getaddrinfo", no_dns)
-    monkeypatch.setattr(sources, "_load_hub_split", must_not_load)
+    monkeypatch.setitem(sys.modules, "datasets", None)  # datasets must not be touched when the hub is unreachable
     for name in ("owt", "wikitext103"):
         start = time.perf_counter()
         with pytest.raises(Bd3Error) as info:
@@ -385,20 +383,19 @@ def test_token_shards_errors(tmp_path: Path) -> None:
 def test_cache_reuse(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BD3_CACHE_DIR", str(tmp_path / "cache"))
     text = paragraphs_file(tmp_path / "t.txt", 100)
-    calls = []
-    real = shards_mod._write_split
 
-    def counting(*args: object, **kwargs: object) -> object:
-        calls.append(args)
-        return real(*args, **kwargs)
+    def written(folder: Path) -> dict[Path, tuple[int, int]]:
+        """Each file under ``folder`` with its inode and the time it was last written."""
+        return {p: (p.stat().st_ino, p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
 
-    monkeypatch.setattr(shards_mod, "_write_split", counting)
     first = cached_shards(str(text), "gpt2", 16, progress=False)
-    assert first.path.parent == tmp_path / "cache" and len(calls) == 2
+    assert first.path.parent == tmp_path / "cache" and len(first.rows("train")) and len(first.rows("valid"))
+    files = written(first.path)
+    time.sleep(0.01)  # a file written again would get a later time
     second = cached_shards(str(text), "gpt2", 16, progress=False)
-    assert second.path == first.path and len(calls) == 2  # reused, not re-tokenized
+    assert second.path == first.path and written(first.path) == files  # reused, not re-tokenized
     other = cached_shards(str(text), "gpt2", 12, progress=False)
-    assert other.path != first.path and len(calls) == 4
+    assert other.path != first.path and len(other.rows("train")) and written(first.path) == files
     time.sleep(0.01)
     paragraphs_file(text, 101)  # the file changed: size and mtime are part of the key
     assert cached_shards(str(text), "gpt2", 16, progress=False).path != first.path

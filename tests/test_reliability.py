@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 
 from bd3.cli.main import main
@@ -83,44 +84,42 @@ def test_sigkill_while_writing_a_checkpoint_leaves_a_resumable_run(workdir, bd3_
     assert not any(p.name.startswith(".tmp") for p in ckpts.iterdir())
 
 
-def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(workdir, capsys, monkeypatch):
-    import bd3.train.loop as loop
+def overflowing(ckpt: Path, weights: str) -> None:
+    """Set the output layer's weights in ``ckpt``'s ``weights`` file ("model" or "ema") to
+    float32's largest value: finite, so the checkpoint loads, but every logit overflows."""
+    path = ckpt / f"{weights}.safetensors"
+    tensors = load_file(path)
+    tensors["output_layer.linear.weight"].fill_(torch.finfo(torch.float32).max)
+    save_file(tensors, path)
 
-    real = loop.diffusion_loss
-    calls = [0]
 
-    def sometimes_nan(*a, **k):
-        calls[0] += 1
-        losses = real(*a, **k)
-        if calls[0] == 3:
-            losses.token_loss = losses.token_loss * float("nan")
-        return losses
-
-    monkeypatch.setattr(loop, "diffusion_loss", sometimes_nan)
-    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--out", "nan"]) == 1
+def test_nonfinite_loss_stops_naming_the_step_or_is_skipped(workdir, capsys):
+    # The training weights of step 2 overflow, so step 3's loss is not finite; the EMA
+    # weights, which validation scores, are left as they were.
+    for out, skip in (("nan", "0"), ("skip", "1")):
+        assert main(["pretrain", *TRAIN, "--steps", "2", "--save-every", "2", "--skip-nonfinite", skip, "--out", out]) == 0
+        overflowing(workdir / out / "checkpoints" / "step-00000002", "model")
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", "--steps", "4", "--out", "nan"]) == 1
     err = capsys.readouterr().err
     assert "step 3" in err and "step-00000002" in err and "--skip-nonfinite" in err
     assert [p.name for p in Run.open(workdir / "nan").checkpoints()] == ["step-00000002"]
 
-    calls[0] = 0
-    assert main(["pretrain", *TRAIN, "--steps", "4", "--skip-nonfinite", "1", "--out", "skip"]) == 0
-    events = [r for r in Run.open(workdir / "skip").metrics() if r.get("event") == "nonfinite"]
+    # --skip-nonfinite 1: step 3, the last, is skipped; its checkpoint holds the weights of step 2
+    assert main(["pretrain", "--resume", "--steps", "3", "--out", "skip"]) == 0
+    run = Run.open(workdir / "skip")
+    events = [r for r in run.metrics() if r.get("event") == "nonfinite"]
     assert [e["step"] for e in events] == [3]
+    assert [p.name for p in run.checkpoints()] == ["step-00000002", "step-00000003"]
+    before, after = (load_file(ckpt / "model.safetensors") for ckpt in run.checkpoints())
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
 
 
-def test_nonfinite_validation_stops_naming_the_step_and_the_last_good_checkpoint(workdir, capsys, monkeypatch):
-    import bd3.train.validation as loop
-
-    real = loop.nelbo_perplexity
-    calls = [0]
-
-    def diverges_at_the_second(*a, **k):
-        calls[0] += 1
-        result = real(*a, **k)
-        return {**result, "nelbo": float("nan"), "ppl": float("nan")} if calls[0] == 2 else result
-
-    monkeypatch.setattr(loop, "nelbo_perplexity", diverges_at_the_second)
-    assert main(["pretrain", *TRAIN, "--steps", "4", "--save-every", "2", "--out", "div"]) == 1
+def test_nonfinite_validation_stops_naming_the_step_and_the_last_good_checkpoint(workdir, capsys):
+    assert main(["pretrain", *TRAIN, "--steps", "2", "--save-every", "2", "--out", "div"]) == 0
+    overflowing(workdir / "div" / "checkpoints" / "step-00000002", "ema")  # training goes on; the validation of step 4 overflows
+    capsys.readouterr()
+    assert main(["pretrain", "--resume", "--steps", "4", "--out", "div"]) == 1
     err = capsys.readouterr().err
     assert "step 4" in err and "last good checkpoint" in err and "step-00000002" in err and "--lr" in err
     assert err.strip().splitlines()[-1].startswith("Error: The validation NELBO at step 4") and "Traceback" not in err

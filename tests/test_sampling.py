@@ -104,38 +104,48 @@ def test_engine_single_row_output_layer(tiny_model):
 
 
 def test_scripted_backbone_is_the_python_one_bit_for_bit(tiny_model, monkeypatch):
-    """The engine runs backbone.layers compiled by TorchScript: the same hidden states and
-    cache contents, bit for bit, as the function run as Python, for every linear kind, with a
-    cache, a folding mask (bool, made additive) and a subset of queries."""
+    """The engine runs backbone.layers compiled by TorchScript, and as Python where
+    TorchScript fails: the same logits and cache contents, bit for bit, for every linear kind
+    this torch runs, with a cache, a folding mask (bool, made additive) and a subset of queries."""
     from bd3.sampling import backbone
-    from bd3.sampling import engine as engine_module
+    from bd3.sampling.engine import fp16_weights_supported
 
     assert backbone.scripted() is not None, "TorchScript could not compile backbone.layers"
-    kinds = [("fp32", "onednn"), ("fp32", "addmm"), ("bf16", "onednn"), ("fp16", "fp16")]
     x = torch.randint(0, MASK, (2, 16), generator=torch.Generator().manual_seed(5))
     fold = torch.ones(8, 16, dtype=torch.bool)
     fold[:4, 8:] = False  # rows 0-3 (clean) do not see rows 4-7 (noisy)
-    for precision, kind in kinds:
-        if kind == "onednn" and not engine_module._onednn(torch.device("cpu"), torch.bfloat16 if precision == "bf16" else torch.float32):
-            continue  # oneDNN's bf16 linear needs AVX-512 (BF16) or AMX
-        if kind == "fp16" and not engine_module.fp16_weights_supported("cpu"):
-            continue
-        if kind == "addmm":
-            monkeypatch.setattr(engine_module, "_onednn", lambda device, dtype: False)
-        out = {}
-        for run in ("scripted", "python"):
-            engine = Engine(tiny_model, precision)
-            assert engine.kind == kind and engine._layers is backbone.scripted()
-            if run == "python":
-                engine._layers = backbone.layers
-            cache = engine.new_kv_cache(2)
-            h0 = engine.hidden(x[:, :8], 0, cache=cache)
-            cache.commit(8)
-            h1 = engine.hidden(x[:, 8:], 8, cache=cache, mask=fold, query=torch.tensor([[5], [2]]))
-            out[run] = (h0, h1, cache.k, cache.v)
-        monkeypatch.undo()
-        for a, b in zip(out["scripted"], out["python"]):
-            assert torch.equal(a, b), f"{precision} {kind}"
+    select = torch.zeros(2, 8, dtype=torch.bool)
+    select[0, 5] = select[1, 2] = True
+    # (precision, oneDNN): without oneDNN the engine's float32 linears are addmm
+    cases = [("fp32", True), ("fp32", False), ("bf16", True)] + ([("fp16", True)] if fp16_weights_supported("cpu") else [])
+
+    def run(precision: str, onednn: bool) -> tuple[str, tuple[torch.Tensor, ...]]:
+        with monkeypatch.context() as m:
+            if not onednn:
+                m.setattr(torch.backends.mkldnn, "is_available", lambda: False)  # a torch built without oneDNN
+            engine = Engine(tiny_model, precision, threads=torch.get_num_threads())
+        cache = engine.new_kv_cache(2)
+        first = engine(x[:, :8], kv_cache=cache)
+        cache.commit(8)
+        second = engine(x[:, 8:], positions=8, kv_cache=cache, attn_mask=fold, select=select)
+        return engine.kind, (first, second, cache.k, cache.v)
+
+    scripted = [run(*case) for case in cases]
+    assert "addmm" in {kind for kind, _ in scripted}
+
+    def no_torchscript(fn):
+        raise RuntimeError("TorchScript is not available")
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.jit, "script", no_torchscript)
+        backbone.scripted.cache_clear()
+        assert backbone.scripted() is None
+        python = [run(*case) for case in cases]
+    backbone.scripted.cache_clear()  # compiled again at its next use
+    for case, (kind, a), (kind_python, b) in zip(cases, scripted, python):
+        assert kind == kind_python
+        for u, v in zip(a, b):
+            assert torch.equal(u, v), f"{case} {kind}"
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16, 40])
@@ -186,8 +196,9 @@ def test_reduced_precision_engine(tiny_model, precision, tol):
     if precision == "bf16":
         assert (auto - exact).abs().max() > 1e-3 * scale  # bf16 really changes the numbers at this size
         torch.testing.assert_close(got, auto, atol=tol * scale, rtol=0)
-    one = engine.logits(engine.hidden(x[:1], query=torch.tensor([[5]]))[:, 0])  # the single-row output layer
-    torch.testing.assert_close(one, exact[:1, 5], atol=tol * scale, rtol=0)
+    one = torch.zeros(1, 16, dtype=torch.bool)
+    one[0, 5] = True  # one row: the single-row output layer
+    torch.testing.assert_close(engine(x[:1], select=one), exact[:1, 5], atol=tol * scale, rtol=0)
     B, L, bs = 2, 16, 4
     cached = ModelDenoiser(engine, block_size=bs, context=L - bs, kv_cache=True)
     uncached = ModelDenoiser(engine, block_size=bs, context=L - bs, kv_cache=False)
@@ -207,18 +218,18 @@ def test_engine_ar_cache_equals_causal_pass():
     engine = Engine(model)
     x = torch.randint(0, MASK, (2, 12))
     cache = engine.new_kv_cache(2)
-    prompt = engine.hidden(x[:, :5], 0, cache=cache, mask=torch.ones(5, 5, dtype=torch.bool).tril())
+    steps = [engine(x[:, :5], kv_cache=cache, attn_mask=torch.ones(5, 5, dtype=torch.bool).tril())]
     cache.commit(5)
-    steps = [prompt]
     for i in range(5, 12):
-        steps.append(engine.hidden(x[:, i : i + 1], i, cache=cache))
+        steps.append(engine(x[:, i : i + 1], positions=i, kv_cache=cache))
         cache.commit(1)
     with torch.no_grad():
         want = model(x)
-    torch.testing.assert_close(engine.logits(torch.cat(steps, 1)), want, atol=1e-5, rtol=0)
-    query = torch.tensor([[3, 11], [0, 5]])
-    got = engine.logits(engine.hidden(x, causal=True, query=query))
-    torch.testing.assert_close(got, want.gather(1, query[:, :, None].expand(-1, -1, V)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.cat(steps, 1), want, atol=1e-5, rtol=0)
+    torch.testing.assert_close(engine(x), want, atol=1e-5, rtol=0)  # no mask, no cache: causal, as the DiT
+    select = torch.zeros(2, 12, dtype=torch.bool)
+    select[0, [3, 11]] = select[1, [0, 5]] = True
+    torch.testing.assert_close(engine(x, select=select), want[select], atol=1e-5, rtol=0)
 
 
 def test_kv_cache_select_and_sliding_window():

@@ -10,7 +10,7 @@ from bd3.diffusion.masks import block_causal_mask, block_diff_mask
 from bd3.diffusion.objective import diffusion_loss
 from bd3.model import DiT
 from bd3.model.attention import _plan, attend
-from bd3.model.dit import _modulate, dropout, rotate, signed_sin
+from bd3.model.dit import dropout, rotate, signed_sin
 from bd3.model.fused_nll import linear_masked_nll
 from bd3.model.mask import Mask
 from tests.conftest import randomize
@@ -84,22 +84,24 @@ def test_model_nll_first_and_fused_layernorm_equal_the_plain_model(tiny_model):
     tokens = torch.randint(0, 39, (3, 16), generator=g)
     mask = block_diff_mask(8, 4)
     positions = torch.arange(8).repeat(2)
-    h, c = tiny_model.hidden_states(tokens, positions=positions, attn_mask=mask)
-    h8, _ = tiny_model.hidden_states(tokens, positions=positions, attn_mask=mask, first=8)
-    torch.testing.assert_close(h8, h[:, :8], atol=1e-6, rtol=0)
-    rows = h8.reshape(-1, h8.shape[-1])
-    targets = tokens[:, :8].reshape(-1)
-    torch.testing.assert_close(tiny_model.nll(rows, c, targets, 39), masked_nll(tiny_model.logits(rows, c), targets, 39), atol=1e-5, rtol=0)
-    # the one forward: the same selection (the first 8 positions' queries only) and fused NLL
-    select = torch.rand(3, 8, generator=g) < 0.5
-    kw = dict(positions=positions, attn_mask=Mask.block_diff(8, 4), select=select)
-    torch.testing.assert_close(tiny_model(tokens, **kw), tiny_model.logits(h8[select], c), atol=1e-5, rtol=0)
-    nll = tiny_model(tokens, targets=tokens[:, :8][select], mask_id=39, **kw)
-    torch.testing.assert_close(nll, masked_nll(tiny_model.logits(h8[select], c), tokens[:, :8][select], 39), atol=1e-5, rtol=0)
+    with torch.no_grad():
+        full = tiny_model(tokens, positions=positions, attn_mask=mask)  # every position, the plain output layer
+    kw = dict(positions=positions, attn_mask=Mask.block_diff(8, 4))
+    every = torch.ones(3, 16, dtype=torch.bool)
+    torch.testing.assert_close(tiny_model(tokens, select=every, **kw), full.reshape(48, -1), atol=1e-5, rtol=0)
+    nll = tiny_model(tokens, targets=tokens, mask_id=39, **kw)  # the fused NLL at every position
+    torch.testing.assert_close(nll, masked_nll(full.reshape(48, -1), tokens.reshape(-1), 39).view(3, 16), atol=1e-5, rtol=0)
+    # a (3, 8) selection: the last layer computes the first 8 positions' queries only
+    for select in (torch.ones(3, 8, dtype=torch.bool), torch.rand(3, 8, generator=g) < 0.5):
+        want = full[:, :8][select]
+        torch.testing.assert_close(tiny_model(tokens, select=select, **kw), want, atol=1e-5, rtol=0)
+        targets = tokens[:, :8][select]
+        nll = tiny_model(tokens, select=select, targets=targets, mask_id=39, **kw)
+        torch.testing.assert_close(nll, masked_nll(want, targets, 39), atol=1e-5, rtol=0)
     norm = tiny_model.blocks[0].norm1
     x = torch.randn(2, 5, norm.dim)
     shift, scale = torch.randn(2, 1, 1, norm.dim)
-    plain = _modulate(F.layer_norm(x, (norm.dim,)) * norm.weight, shift, scale)
+    plain = F.layer_norm(x, (norm.dim,)) * norm.weight * (1 + scale) + shift  # adaLN, term by term
     torch.testing.assert_close(norm(x, shift, scale), plain, atol=1e-5, rtol=0)
     q = torch.randn(2, 7, 2, 3, tiny_model.cfg.head_dim)
     cos, sin = tiny_model.rotary_emb.cos_sin(torch.arange(7), torch.float32)

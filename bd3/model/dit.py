@@ -220,7 +220,7 @@ class DiT(nn.Module):
             return F.silu(self.sigma_map(sigma))
         return F.silu(self.sigma_map(torch.zeros(1, device=self.device)))
 
-    def hidden_states(
+    def _hidden_states(
         self,
         tokens: torch.Tensor,
         *,
@@ -230,16 +230,12 @@ class DiT(nn.Module):
         first: int | None = None,
         sigma: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Run the blocks (the first half of :meth:`forward`). Returns the last residual
-        stream (B, S, D) and the conditioning vector that :meth:`logits` needs.
-
-        ``positions`` (S,) are the rotary positions (default 0..S-1; the 2L training input
-        repeats 0..L-1 for both halves). ``attn_mask``: a :class:`~bd3.model.mask.Mask` (each
-        attention backend builds its own form of it), or an explicit (S, S_kv) boolean table,
-        True = attend; None means full attention, or causal attention for the AR model. ``first``: return
-        only the first ``first`` positions (B, first, D); the last layer then computes only
-        those (training needs the x_t half; the x_0 half matters only as keys and values).
-        ``sigma`` (B,): time-conditioned (SEDD); the conditioning is then (B, cond_dim).
+        """The blocks, the first half of :meth:`forward`: the last residual stream (B, S, D)
+        and the conditioning vector that :meth:`_logits` and :meth:`_nll` need ((B, cond_dim)
+        with ``sigma``). ``positions`` (S,) and ``attn_mask`` as :meth:`forward`'s (each
+        attention backend builds its own form of a :class:`~bd3.model.mask.Mask`). ``first``:
+        return only the first ``first`` positions (B, first, D); the last layer then computes
+        only those (training needs the x_t half; the x_0 half matters only as keys and values).
         """
         S = tokens.shape[1]
         if positions is None:
@@ -262,16 +258,16 @@ class DiT(nn.Module):
         device = x.device.type
         return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
-    def logits(self, h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor, c: torch.Tensor | None) -> torch.Tensor:
         """The output layer on any (..., D) selection of hidden states."""
         mod = self.output_layer.adaLN_modulation(c) if c is not None else None
         if mod is not None and h.dim() == 3:
             mod = mod[:, None, :]
         return self.output_layer(h, mod)
 
-    def nll(self, h: torch.Tensor, c: torch.Tensor | None, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
+    def _nll(self, h: torch.Tensor, c: torch.Tensor | None, targets: torch.Tensor, mask_id: int) -> torch.Tensor:
         """-log p(targets) (N,) float32 from hidden states ``h`` (N, D), the mask token
-        excluded: ``masked_nll(self.logits(h, c), targets, mask_id)`` with the output layer
+        excluded: ``masked_nll(self._logits(h, c), targets, mask_id)`` with the output layer
         and the cross-entropy fused (bd3.model.fused_nll), so the (N, V) float32 logits are
         never materialised and their backward needs no vocabulary-sized element-wise work."""
         out = self.output_layer
@@ -302,23 +298,23 @@ class DiT(nn.Module):
 
         ``positions``: the rotary positions (S,), or an int, the first of S consecutive ones
         (default 0; the 2L training input repeats 0..L-1). ``attn_mask``: a
-        :class:`~bd3.model.mask.Mask` or an explicit (S, S_kv) boolean table; None is full
-        attention (causal for the AR model). ``kv_cache``: the tokens also attend to the
+        :class:`~bd3.model.mask.Mask` or an explicit (S, S_kv) boolean table (True: attend); None
+        is full attention (causal for the AR model). ``kv_cache``: the tokens also attend to the
         cached ones, and their K/V are written after them (:class:`~bd3.model.kv_cache.KVCache`).
         ``sigma`` (B,): SEDD's time conditioning; the adaLN conditioning stays inside."""
         S = tokens.shape[1]
         if isinstance(positions, int):
             positions = torch.arange(positions, positions + S, device=tokens.device)
         first = None if select is None or select.shape[1] == S else select.shape[1]
-        h, c = self.hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, first=first, sigma=sigma)
+        h, c = self._hidden_states(tokens, positions=positions, attn_mask=attn_mask, kv_cache=kv_cache, first=first, sigma=sigma)
         per_row = c is not None and c.shape[0] > 1  # one conditioning vector per row (sigma)
         if select is not None:
             h, c = h[select], c[select.nonzero()[:, 0]] if per_row else c
         if targets is None:
-            return self.logits(h, c)
+            return self._logits(h, c)
         if select is None:
             h, c = h.reshape(-1, h.shape[-1]), c.repeat_interleave(S, 0) if per_row else c
-        return self.nll(h, c, targets.reshape(-1), mask_id).view(targets.shape)
+        return self._nll(h, c, targets.reshape(-1), mask_id).view(targets.shape)
 
     def new_kv_cache(self, batch: int, capacity: int, dtype: torch.dtype | None = None) -> KVCache:
         p = self.vocab_embed.embedding

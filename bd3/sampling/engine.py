@@ -268,15 +268,15 @@ class Engine:
         """``DiT.forward``'s logits: (B, S, V), or (N, V) at the True entries of ``select``
         (B, S) in row-major order, whose last layer then computes only those queries.
         ``positions``: the first of S consecutive rotary positions (an int, where the DiT
-        also takes a tensor)."""
+        also takes a tensor). Without a mask or cache the AR model attends causally, as the DiT."""
         if sigma is not None:
             raise ValueError("the engine folds the constant conditioning: a time-conditioned model runs as itself")
         with self.tuner.call():
             if select is None:
-                return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask))
+                return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, causal=self.causal))
             rows, pos = select.nonzero(as_tuple=True)
             query, slot = pack_queries(rows, pos, tokens.shape[0])
-            h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query)
+            h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query, causal=self.causal)
             return self.logits(h[rows, slot])
 
     __call__ = forward

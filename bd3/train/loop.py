@@ -291,7 +291,11 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
         while trainer.step < tcfg.steps:
             loss, grad_norm = trainer.train_step()
             step = trainer.step
-            if not np.isfinite(grad_norm):
+            finite = np.isfinite(grad_norm)
+            if finite:
+                window_loss += loss
+                window_steps += 1
+            else:  # the weights are as before the step; a checkpoint due at this step is still written
                 trainer.skipped += 1
                 if main:
                     run.log({"step": step, "event": "nonfinite", "loss": loss, "skipped_steps": trainer.skipped})
@@ -302,10 +306,7 @@ def _loop(trainer: Trainer, run: Run, shards: TokenShards, console: Console, sto
                         f"The loss or its gradient became non-finite ({loss}) at step {step}; {kept}. "
                         "Lower --lr, use --precision fp32, or pass --skip-nonfinite N to skip up to N such steps."
                     )
-                continue
-            window_loss += loss
-            window_steps += 1
-            if step % tcfg.log_every == 0 or step == tcfg.steps:
+            if finite and (step % tcfg.log_every == 0 or step == tcfg.steps):
                 now = time.perf_counter()
                 record = {
                     "step": step, "loss": window_loss / max(window_steps, 1), "lr": lr_at(step - 1, tcfg),
