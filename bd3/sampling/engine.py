@@ -273,16 +273,16 @@ class Engine:
             raise ValueError("the engine folds the constant conditioning: a time-conditioned model runs as itself")
         with self.tuner.call():
             if select is None:
-                return self.logits(self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, causal=self.causal))
+                return self._logits(self._hidden(tokens, positions, cache=kv_cache, mask=attn_mask, causal=self.causal))
             rows, pos = select.nonzero(as_tuple=True)
             query, slot = pack_queries(rows, pos, tokens.shape[0])
-            h = self.hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query, causal=self.causal)
-            return self.logits(h[rows, slot])
+            h = self._hidden(tokens, positions, cache=kv_cache, mask=attn_mask, query=query, causal=self.causal)
+            return self._logits(h[rows, slot])
 
     __call__ = forward
 
     @torch.inference_mode()
-    def hidden(
+    def _hidden(
         self,
         tokens: torch.Tensor,
         start: int = 0,
@@ -321,7 +321,7 @@ class Engine:
         )
 
     @torch.inference_mode()
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
         """The output layer on any (..., D) selection of hidden states."""
         shape = h.shape[:-1]
         x = self._norm(h.reshape(-1, self.D))
