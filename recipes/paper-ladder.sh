@@ -18,12 +18,11 @@
 #     grid for each linear fine-tune, and samples 4x longer than the context (Table 6).
 #   - Finally `bd3 report` over all runs into $OUT/report (report.md/.json/.html, figures).
 #
-# Budget: the defaults (nano model, L = 128, batch 16, STEPS = 900 with a 600-step base)
-# take about 1.5 hours on 2 idle CPU cores: `bd3 pretrain`'s default of 800 steps at block
-# size 16 takes about 10 minutes there (benchmarks/README.md: 0.5 s per nano step of the 2L
-# block-diffusion pass; AR, MDLM and SEDD run one L-token stream, about half of that), so
-# the eight block-diffusion runs (6 x 300 fine-tune steps, 900 at L' = 1) take about 35
-# minutes, the four L-stream runs (3 x 900 + 600) about 20, and the evaluations about 30.
+# Budget: the defaults (nano model, L = 128, batch 16, STEPS = 900 with a 600-step base) took
+# 77 minutes on 2 CPU cores (docs/reproduction.md): training took 53 minutes of one core
+# (one thread; a nano step of the 2L block-diffusion pass about 0.4-0.5 s there, AR, MDLM
+# and SEDD one L-token stream, about half of that) while the other core evaluated the runs
+# that had finished. Run as is (one command after the other), about 1.5 hours.
 #
 # Resumable: a run whose final checkpoint exists is skipped, a run killed midway resumes
 # from its newest checkpoint, and an evaluation whose record (RUN/eval/<kind>-*.json, saved by
