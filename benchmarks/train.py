@@ -144,10 +144,11 @@ def run_one(name: str, args) -> dict:
     rss_model = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
     masked_rows = []  # rows that reach the output layer: the masked x_t positions
-    legacy = not hasattr(model, "nll")
-    if not legacy:
-        nll = model.nll
-        model.nll = lambda h, *a: (masked_rows.append(h.shape[0]), nll(h, *a))[1]
+    fused = next((name for name in ("_nll", "nll") if hasattr(model, name)), None)  # the output layer + loss
+    legacy = fused is None
+    if fused is not None:
+        nll = getattr(model, fused)
+        setattr(model, fused, lambda h, *a: (masked_rows.append(h.shape[0]), nll(h, *a))[1])
     else:  # bd3 before the fused output layer + loss, for before/after comparisons
         model.output_layer.linear.register_forward_hook(lambda m, i, o: masked_rows.append(i[0].shape[0]))
 
