@@ -154,7 +154,7 @@ class DataConfig:
 class TrainConfig:
     """The optimisation loop."""
 
-    steps: int = 2000  # optimiser steps
+    steps: int = 1500  # optimiser steps
     batch_size: int = 16  # sequences per forward pass on each process (the micro-batch)
     global_batch_size: int = 0  # sequences per optimiser step over all processes; 0: batch_size x processes
     lr: float = 1e-3  # peak AdamW learning rate

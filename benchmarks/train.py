@@ -130,7 +130,7 @@ def run_one(name: str, args) -> dict:
     device = torch.device("cpu")
     precision = resolve_precision(args.precision, device)
     mcfg = model_config(size, L)
-    dcfg = DiffusionConfig(algo="bd3lm", block_size=bs)
+    dcfg = DiffusionConfig(algo="bd3lm", block_size=bs, estimator=args.estimator)
     tcfg = TrainConfig(batch_size=BATCH)
     mask_id = V - 1
     torch.manual_seed(tcfg.seed)
@@ -228,6 +228,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--estimator", choices=["k", "t"], help="the training estimator (default: bd3's)")
     p.add_argument("--foreach-adamw", action="store_true", help="AdamW(foreach=True) instead of the loop's fused=True")
     p.add_argument("--profile", type=int, default=0, help="print torch.profiler's top N operators")
     p.add_argument("--json", help="append one JSON line per configuration to this file")
@@ -251,6 +252,8 @@ def main() -> None:
                "--precision", args.precision, "--threads", str(args.threads), "--profile", str(args.profile)]
         if args.foreach_adamw:
             cmd.append("--foreach-adamw")
+        if args.estimator:
+            cmd += ["--estimator", args.estimator]
         out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": str(args.threads)})
         r = json.loads(out.stdout.strip().splitlines()[-1])
         r["peak_fp32_gflop_s"], r["peak_bf16_gflop_s"] = peaks["fp32"], peaks["bf16"]

@@ -46,6 +46,16 @@ def test_records_round_trip(tmp_path):
         save_eval_record(run, "bleu", {})
 
 
+def test_wall_time_adds_every_session_of_a_resumed_run(tmp_path):
+    run = make_run(tmp_path / "resumed")  # a first session of 75 s
+    resumed = [{"step": s, "loss": 2.0, "lr": 1e-3, "tokens": s * 2048, "elapsed_s": 10.0 * (s - 4)} for s in (5, 6)]
+    resumed.append({"event": "summary", "step": 6, "elapsed_s": 25.0, "valid_nelbo": 3.0, "valid_ppl": math.exp(3.0)})
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write("".join(json.dumps(x) + "\n" for x in resumed))
+    row = report_mod.collect([run])["runs"][0]
+    assert row["wall_time_s"] == 100.0 and row["wall_time"] == "1m40s" and row["steps"] == 6
+
+
 def test_intervals_from_records_and_fallbacks(tmp_path):
     with_ci = make_run(tmp_path / "with-ci")
     save_eval_record(with_ci, "ppl", {"nelbo": 3.0, "ppl": math.exp(3.0), "nelbo_se": 0.01, "ppl_ci95": [19.0, 21.5],

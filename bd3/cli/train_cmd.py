@@ -18,7 +18,7 @@ from bd3.errors import Bd3Error
 
 Steps = Annotated[
     Optional[int],
-    typer.Option(help="Optimiser steps (pretrain default 2000, finetune 300); with --resume, the new total.", min=1, show_default=False),
+    typer.Option(help="Optimiser steps (pretrain default 1500, finetune 300); with --resume, the new total.", min=1, show_default=False),
 ]
 Lr = Annotated[float, typer.Option(help="Peak AdamW learning rate.", min=0.0, callback=o.finite)]
 Warmup = Annotated[int, typer.Option(help="Linear warm-up steps.", min=0)]

@@ -79,7 +79,7 @@ def _summary(path: Path) -> dict:
         "model": {"hidden_dim": cfg.model.hidden_dim, "n_layers": cfg.model.n_layers, "n_heads": cfg.model.n_heads},
         "data": cfg.data.data, "tokenizer": cfg.data.tokenizer, "tokenizer_sha256": cfg.data.tokenizer_sha256,
         "wrap": cfg.data.wrap, "parent": cfg.train.parent, "steps": last_step,
-        "tokens": int(last_step * per_step), "wall_time_s": summary.get("elapsed_s"),
+        "tokens": int(last_step * per_step), "wall_time_s": _wall_time(metrics),
         "loss_curve": [[m["tokens"], m["loss"]] for m in steps],
         "valid_curve": [[int(m["step"] * per_step), m["valid_nelbo"]] for m in metrics if m.get("event") == "validation"],
     }
@@ -107,6 +107,20 @@ def _metrics(path: Path) -> list[dict]:
 def _step_records(metrics: list[dict]) -> list[dict]:
     """The per-step training records (loss, tokens seen so far, ...), not the events."""
     return [m for m in metrics if "loss" in m and "tokens" in m and m.get("event") is None]
+
+
+def _wall_time(metrics: list[dict]) -> float | None:
+    """Training seconds over every session of a run: ``elapsed_s`` restarts at each --resume,
+    so each session contributes the largest value it logged."""
+    total, session, seen = 0.0, 0.0, False
+    for m in metrics:
+        if "elapsed_s" not in m:
+            continue
+        seen = True
+        if m["elapsed_s"] < session:  # a resumed session starts its clock at 0
+            total += session
+        session = m["elapsed_s"]
+    return total + session if seen else None
 
 
 def _parent_tokens(parent: str | None, child: Path, depth: int = 0) -> int:
@@ -346,7 +360,8 @@ def _plot_variance(ax, runs) -> bool:
                        color=f"C{i % 10}", label=f"{r['name']} (L'={r['variance']['block_size']})")
             drawn = True
     ax.set(xlabel="clip width (omega - beta); 0.999 is the full interval", ylabel="Var (paper), nats^2", yscale="log")
-    ax.legend(fontsize=7)
+    if drawn:
+        ax.legend(fontsize=7)
     return drawn
 
 
