@@ -11,9 +11,8 @@ reference's 1024 / 512 for GPT-2).
 Reported, as :func:`generative_perplexity` returns them: the arithmetic mean of the
 per-sample perplexities (the paper's number) with its standard error and 95 % interval over
 the samples (another set of samples from the same model would land in it), the token-pooled
-perplexity, the mean
-per-sample unigram entropy (nats) of the scored tokens, model calls per generated token,
-and the median and largest number of scored tokens per sample.
+perplexity, the mean per-sample unigram entropy (nats) of the scored tokens, model calls per
+generated token, and the median and largest number of scored tokens per sample.
 
 A judge is anything with the :class:`Judge` methods: :class:`RunJudge` wraps a bd3 run
 trained with ``--algo ar``, :class:`HFJudge` a HuggingFace causal LM (``gpt2-large`` in

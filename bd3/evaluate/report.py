@@ -37,6 +37,7 @@ FIGURES = {
     "gen_ppl": "Generative perplexity against model calls per token",
 }
 PLOT_HINT = "Figures need matplotlib: pip install 'bd3[plot]' (or pip install matplotlib)."
+
 # The table: (key in a run's summary, header)
 COLUMNS = (
     ("name", "run"), ("algo", "algo"), ("block_size", "L'"), ("clip_label", "clip"), ("steps", "steps"),
