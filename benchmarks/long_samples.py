@@ -5,12 +5,12 @@
 
 Each argument is ``RUN=SAMPLES.jsonl`` (the JSONL of `bd3 sample --format jsonl`). Per run,
 the generated end-of-text (EOS) tokens of its samples are counted in each stretch of the
-context length L (positions 0..L-1 of the sample, prompt included but not counted, L..2L-1,
-...), as a mean per sample with a 95 % interval over the samples; next to it, the rate in the run's own
-validation rows (EOS per L tokens, BOS not counted), which a model that keeps writing text
-like its data should keep in every stretch. Where the rows are ``[BOS] + text + [EOS]``
-(``--wrap special``), the EOS that closes every row is counted too, so that rate is the
-text's own plus one.
+context length L (positions 0..L-1 of the sample, its prompt not counted; L..2L-1; ...), as
+a mean per sample with a 95 % interval over the samples. Next to it, the rate in the run's
+own validation rows (EOS per L tokens), which a model that keeps writing text like its data
+should keep in every stretch. Where the rows are ``[BOS] + text + [EOS]`` (``--wrap
+special``), the BOS position is left out and the EOS that closes every row is counted, so
+that rate is the text's own plus one per row.
 """
 
 from __future__ import annotations
